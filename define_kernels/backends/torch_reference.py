@@ -1,0 +1,15 @@
+"""The `torch` backend: reference.py itself, on any device and dtype. Always last in `auto`."""
+import torch
+
+from .. import reference
+from . import Backend, register_backend
+
+register_backend(Backend(
+    name="torch",
+    priority=1000,
+    devices=("cpu", "cuda", "meta", "mps", "xpu"),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    forward=reference.hgt_forward,
+    backward=reference.hgt_backward,
+    description="pure PyTorch reference (SPEC §2), gradients by autograd over a recomputed forward",
+))

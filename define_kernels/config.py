@@ -1,0 +1,208 @@
+"""HGTConfig: the one place where the layer table of SPEC §2 is computed.
+
+Every backend, module and benchmark reads `(in_features, out_features, groups, input_kind)`
+from `HGTConfig.layers`; nothing else recomputes widths or group counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from fractions import Fraction
+from typing import NamedTuple, Optional
+
+TRANSFORMS = ("define", "define_nomix", "hgt", "glt", "linear")
+GROUP_RULES = ("halve", "cycle")
+NORMS = ("layernorm", None)
+ACTS = ("gelu", "relu", "silu", None)
+
+# How layer l > 1 sees the stack input x and the previous output h (SPEC §2).
+INPUT_X = "x"            # first layer: u = x
+INPUT_MIX = "mix"        # split-and-mix: chunk j of x, then chunk j of h, per group j
+INPUT_CONCAT = "concat"  # plain concatenation [x, h] (define_nomix)
+INPUT_PREV = "prev"      # no skip: u = h
+
+LN_EPS = 1e-5
+
+
+class LayerSpec(NamedTuple):
+    in_features: int
+    out_features: int
+    groups: int
+    input_kind: str
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HGTConfig:
+    """Shape and options of one HGT stack (SPEC §2).
+
+    Args:
+        in_dim: p, width of the stack input x (the map dim n, or the in-proj dim).
+        expand_dim: k, target width of the last expand layer.
+        out_dim: m, width of the reduce layer (the embedding dim).
+        depth: N, number of expand layers; the stack has N + 1 layers.
+        max_groups: g_max, a power of two dividing in_dim.
+        group_rule: "halve" (paper) or "cycle" (authors' reference code).
+        align: expand widths are rounded up to a multiple of lcm(g_l, g_{l+1}, align).
+        transform: "define" (default), "define_nomix", "hgt", "glt" or "linear" (paper Table 4).
+        shuffle: feature shuffle after each grouped transform.
+        norm: "layernorm" (per-group LayerNorm, affine shared by a layer's groups) or None.
+        act: "gelu" (erf form), "relu", "silu" or None.
+        dropout: probability, applied after the activation of every layer in training.
+        reduce_norm / reduce_act: whether the reduce layer also gets the norm / activation.
+    """
+
+    in_dim: int
+    expand_dim: int
+    out_dim: int
+    depth: int
+    max_groups: int
+    group_rule: str = "halve"
+    align: int = 8
+    transform: str = "define"
+    shuffle: bool = False
+    norm: Optional[str] = "layernorm"
+    act: Optional[str] = "gelu"
+    dropout: float = 0.0
+    reduce_norm: bool = True
+    reduce_act: bool = True
+
+    def __post_init__(self):
+        for name in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups", "align"):
+            _check_positive_int(name, getattr(self, name))
+        if not _is_power_of_two(self.max_groups):
+            raise ValueError(f"max_groups must be a power of two, got {self.max_groups}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.group_rule not in GROUP_RULES:
+            raise ValueError(f"group_rule must be one of {GROUP_RULES}, got {self.group_rule!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.act not in ACTS:
+            raise ValueError(f"act must be one of {ACTS}, got {self.act!r}")
+        for name in ("shuffle", "reduce_norm", "reduce_act"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        widest_group = max(self.expand_groups)
+        if self.in_dim % widest_group:
+            raise ValueError(
+                f"in_dim ({self.in_dim}) must be divisible by max_groups ({widest_group}) "
+                f"for transform {self.transform!r}")
+        # Cache the derived table on the frozen instance: computed once, here only.
+        object.__setattr__(self, "_layers", self._compute_layers())
+
+    # ----------------------------------------------------------------------------- groups
+    @property
+    def expand_groups(self) -> tuple:
+        """g_l of the N expand layers (the reduce layer always has g = 1)."""
+        n, g_max = self.depth, self.max_groups
+        if self.transform == "linear":
+            return (1,) * n
+        if self.transform == "glt":
+            return (g_max,) * n
+        if self.group_rule == "halve":
+            return tuple(max(g_max >> layer, 1) for layer in range(n))
+        sequence, g = [], 1
+        for _ in range(n):
+            sequence.append(g)
+            g = g * 2 if g * 2 <= g_max else 1
+        return tuple(reversed(sequence))
+
+    # ----------------------------------------------------------------------------- layers
+    def _input_kind(self) -> str:
+        return {"define": INPUT_MIX, "define_nomix": INPUT_CONCAT}.get(self.transform, INPUT_PREV)
+
+    def _compute_layers(self) -> tuple:
+        p, k, n = self.in_dim, self.expand_dim, self.depth
+        groups = self.expand_groups + (1,)
+        kind = self._input_kind()
+        layers, prev_width = [], None
+        for index in range(n):
+            multiple = math.lcm(groups[index], groups[index + 1], self.align)
+            target = Fraction(p) + Fraction(k - p) * (index + 1) / n
+            width = math.ceil(target / multiple) * multiple
+            if index == 0:
+                layers.append(LayerSpec(p, width, groups[0], INPUT_X))
+            else:
+                in_features = prev_width if kind == INPUT_PREV else p + prev_width
+                layers.append(LayerSpec(in_features, width, groups[index], kind))
+            prev_width = width
+        reduce_in = prev_width if kind == INPUT_PREV else p + prev_width
+        layers.append(LayerSpec(reduce_in, self.out_dim, 1, kind))
+        return tuple(layers)
+
+    @property
+    def layers(self) -> tuple:
+        """Every layer's (in_features, out_features, groups, input_kind); the last one reduces."""
+        return self._layers
+
+    def layer_has_norm(self, index: int) -> bool:
+        return self.norm is not None and (index < self.depth or self.reduce_norm)
+
+    def layer_act(self, index: int) -> Optional[str]:
+        return self.act if index < self.depth or self.reduce_act else None
+
+    def param_shapes(self) -> tuple:
+        """Shapes of the flat parameter list every op takes, in order.
+
+        Per layer: weight [g, a/g, w/g], bias [g, w/g], then (with norm) norm weight and bias [w/g].
+        """
+        shapes = []
+        for index, layer in enumerate(self.layers):
+            g, a, w = layer.groups, layer.in_features, layer.out_features
+            shapes += [(g, a // g, w // g), (g, w // g)]
+            if self.layer_has_norm(index):
+                shapes += [(w // g,), (w // g,)]
+        return tuple(shapes)
+
+    def params_per_layer(self, index: int) -> int:
+        return 4 if self.layer_has_norm(index) else 2
+
+    # ----------------------------------------------------------------------------- counts
+    @property
+    def macs_per_token(self) -> int:
+        """Multiply-accumulates of the grouped matmuls for one token (SPEC §6 FLOP = 2 x this)."""
+        return sum(layer.in_features * layer.out_features // layer.groups for layer in self.layers)
+
+    @property
+    def num_parameters(self) -> int:
+        """Transform parameters: weights, biases and norm affines of every layer."""
+        return sum(math.prod(shape) for shape in self.param_shapes())
+
+    # ----------------------------------------------------------------------------- op key
+    @property
+    def key(self) -> str:
+        """A canonical string passed to the custom ops (they take no Python objects)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_key(key: str) -> "HGTConfig":
+        return HGTConfig(**json.loads(key))
+
+    def table(self) -> str:
+        """The per-layer table shown by the modules' extra_repr."""
+        rows = []
+        for index, layer in enumerate(self.layers):
+            name = "reduce" if index == self.depth else f"expand{index + 1}"
+            extras = [layer.input_kind]
+            if self.layer_has_norm(index):
+                extras.append(self.norm)
+            if self.layer_act(index):
+                extras.append(self.layer_act(index))
+            rows.append(f"  ({index}) {name}: {layer.in_features} -> {layer.out_features}, "
+                        f"groups={layer.groups}, " + ", ".join(extras))
+        return "\n".join(rows)

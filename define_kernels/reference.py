@@ -1,0 +1,156 @@
+"""Pure-PyTorch forward of the HGT stack: the executable form of SPEC §2.
+
+Every backend is checked against `hgt_forward`; its gradients come from autograd. It runs on any
+device and dtype (float64 for gradcheck). Low-precision inputs are computed in their dtype by
+PyTorch's own kernels, whose matmuls and LayerNorm statistics accumulate in fp32.
+
+Dropout masks come from `dropout_keep_mask`, a counter-based hash of
+(seed, layer, row key, feature) that every backend reproduces bit for bit, so a mask is
+regenerated in backward instead of stored, and backends can be compared with dropout on.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_X, LN_EPS, HGTConfig
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold on a 24-bit uniform draw: keep a feature when draw >= threshold."""
+    return int(p * (1 << 24))
+
+
+def dropout_keep_mask(seed: int, layer: int, row_keys: torch.Tensor, width: int,
+                      p: float) -> torch.Tensor:
+    """Boolean keep-mask [rows, width] for `layer` (0-based over all L layers).
+
+    draw = fmix32(fmix32(fmix32(seed ^ fmix32(layer)) ^ row_key) ^ feature) >> 8, a 24-bit
+    uniform; row_key is the token id when the op gathers by id (so a token's mask does not
+    depend on where or how often it occurs: dedup stays exact) and the row index otherwise.
+    """
+    device = row_keys.device
+    h = _fmix32(torch.tensor((seed & _MASK32) ^ int(_fmix32(torch.tensor(layer))), device=device))
+    h = _fmix32(h ^ (row_keys.to(torch.int64) & _MASK32))
+    features = torch.arange(width, device=device, dtype=torch.int64)
+    h = _fmix32(h[:, None] ^ features[None, :])
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def mix_input(x: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
+    """Split-and-mix skip (SPEC §2): per group j, chunk j of x followed by chunk j of h."""
+    rows = x.shape[0]
+    return torch.cat([x.reshape(rows, groups, -1), h.reshape(rows, groups, -1)], dim=2).reshape(rows, -1)
+
+
+def layer_input(kind: str, x: torch.Tensor, h: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    if kind == INPUT_X:
+        return x
+    if kind == INPUT_MIX:
+        return mix_input(x, h, groups)
+    if kind == INPUT_CONCAT:
+        return torch.cat([x, h], dim=1)
+    assert kind == INPUT_PREV, kind
+    return h
+
+
+def grouped_linear(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """u [T, a] viewed as [T, g, a/g]; group j: u_j @ W[j] + b[j]; returns [T, g, w/g]."""
+    groups = weight.shape[0]
+    u_grouped = u.reshape(u.shape[0], groups, -1).transpose(0, 1)          # [g, T, a/g]
+    return torch.baddbmm(bias.unsqueeze(1), u_grouped, weight).transpose(0, 1)  # [T, g, w/g]
+
+
+def feature_shuffle(z: torch.Tensor) -> torch.Tensor:
+    """[T, g, c] -> transpose to [T, c, g] -> flatten -> view as [T, g, c]."""
+    return z.transpose(1, 2).reshape(z.shape)
+
+
+def activation(z: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    if act is None:
+        return z
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[act](z)
+
+
+def split_params(params: Sequence[torch.Tensor], config: HGTConfig) -> list:
+    """The flat op parameter list as per-layer (weight, bias, norm_weight, norm_bias) tuples."""
+    layers, offset = [], 0
+    for index in range(len(config.layers)):
+        count = config.params_per_layer(index)
+        chunk = list(params[offset:offset + count]) + [None] * (4 - count)
+        layers.append(tuple(chunk))
+        offset += count
+    return layers
+
+
+def input_rows(x: torch.Tensor, ids: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The stack input: rows of x gathered by ids (the Map lookup) or x itself, times scale."""
+    rows = x if ids is None else F.embedding(ids, x)
+    return rows * scale if scale != 1.0 else rows
+
+
+def hgt_stack(x: torch.Tensor, row_keys: torch.Tensor, params: Sequence[torch.Tensor],
+              config: HGTConfig, seed: Optional[int] = None) -> torch.Tensor:
+    """The L layers of SPEC §2 on stack input x [T, p]; row_keys [T] key the dropout masks."""
+    rows = x.shape[0]
+    h = None
+    for index, (layer, (weight, bias, norm_weight, norm_bias)) in enumerate(
+            zip(config.layers, split_params(params, config))):
+        u = layer_input(layer.input_kind, x, h, layer.groups)
+        z = grouped_linear(u, weight, bias)
+        if config.shuffle:
+            z = feature_shuffle(z)
+        if norm_weight is not None:
+            z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
+        z = activation(z, config.layer_act(index)).reshape(rows, layer.out_features)
+        if seed is not None and config.dropout > 0:
+            keep = dropout_keep_mask(seed, index, row_keys, layer.out_features, config.dropout)
+            z = z * keep.to(z.dtype) / (1.0 - config.dropout)
+        h = z
+    return h
+
+
+def row_keys_for(x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dropout row keys: the token ids when gathering by id, else the row index."""
+    return ids if ids is not None else torch.arange(x.shape[0], device=x.device)
+
+
+def hgt_forward(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[torch.Tensor],
+                config: HGTConfig, scale: float = 1.0, seed: Optional[int] = None) -> torch.Tensor:
+    """y [T, m] for x [T, p] (ids None) or for a table x [V, p] gathered by 1-D ids [T].
+
+    Dropout (config.dropout) is applied only when a seed is given, i.e. in training.
+    """
+    return hgt_stack(input_rows(x, ids, scale), row_keys_for(x, ids), params, config, seed)
+
+
+def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tensor],
+                 params: Sequence[torch.Tensor], config: HGTConfig, scale: float = 1.0,
+                 seed: Optional[int] = None):
+    """Gradients by autograd (torch.func.vjp, which also runs inside a custom op) through the
+    forward, recomputed from the inputs.
+
+    Returns (grad_rows, grad_params); grad_rows [T, p] is per gathered row (ids given: the
+    caller scatters it into the table) or per row of x.
+    """
+    row_keys = row_keys_for(x, ids)
+
+    def stack(rows, *weights):
+        return hgt_stack(rows * scale if scale != 1.0 else rows, row_keys, weights, config, seed)
+
+    _, vjp = torch.func.vjp(stack, input_rows(x, ids, 1.0), *params)
+    grad_rows, *grad_params = vjp(grad_y.to(x.dtype))
+    return grad_rows, grad_params
