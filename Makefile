@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench clean
+.PHONY: venv test bench bench-suite lm-quick gpu-check clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,22 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest python_tests bench/tests -q -p no:cacheprovider
+	$(PY) -m pytest python_tests -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# pytest-benchmark suite at small sizes, for regression tracking
+bench-suite: $(STAMP)
+	$(PY) -m pytest bench/suite --benchmark-only -q -p no:cacheprovider
+
+# LM quality benchmark, a few hundred steps of every variant on CPU
+lm-quick: $(STAMP)
+	$(PY) -m bench.lm.train --quick
+
+# GPU machine: full CUDA/Triton test matrix + GPU benchmark rows into bench/results/
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

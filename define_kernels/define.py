@@ -44,6 +44,9 @@ class DeFINE(nn.Module):
         cache: in eval mode, outputs come from a materialized [num_embeddings, m] table, rebuilt
             when any parameter changed or moved; train() never uses it.
         Under torch.compile, dedup and the cache are skipped (data-dependent shapes / state).
+        sparse: the map table's gradient is a sparse tensor over the batch's rows (as
+            nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
+            then runs outside the fused op.
         backend: 'auto' (process default, see set_backend) or a registry name.
     """
 
@@ -51,6 +54,7 @@ class DeFINE(nn.Module):
                  expand_dim: int = 1024, depth: int = 4, max_groups: int = 8,
                  padding_idx: Optional[int] = None, in_proj_dim: Optional[int] = None,
                  scale_map: bool = True, map_dropout: float = 0.0, dedup: bool = True,
+                 sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
                  **hgt_options):
         super().__init__()
@@ -67,6 +71,7 @@ class DeFINE(nn.Module):
             raise ValueError(f"map_dropout must be in [0, 1), got {map_dropout!r}")
         self.num_embeddings, self.embedding_dim, self.map_dim = num_embeddings, embedding_dim, map_dim
         self.padding_idx, self.dedup, self.map_dropout = padding_idx, dedup, map_dropout
+        self.sparse = sparse
         self.scale = math.sqrt(map_dim) if scale_map else 1.0
         self.config = HGTConfig(in_proj_dim or map_dim, expand_dim, embedding_dim, depth, max_groups,
                                 **hgt_options)
@@ -117,14 +122,14 @@ class DeFINE(nn.Module):
         """The live stack for 1-D ids -> [len(ids), m] (no dedup, no cache)."""
         seed = self.hgt.dropout_seed()
         params = self.hgt.op_params()
-        if self.in_proj is None and not (self.training and self.map_dropout > 0):
+        if self.in_proj is None and not self.sparse and not (self.training and self.map_dropout > 0):
             # Fused path: the op gathers and scales the map rows itself.
             y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
                         seed=seed, backend=self.backend)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
-            x = F.embedding(ids, self.map_weight) * self.scale
+            x = F.embedding(ids, self.map_weight, sparse=self.sparse) * self.scale
             x = F.dropout(x, self.map_dropout, self.training)
             if self.in_proj is not None:
                 x = self.in_proj(x)
@@ -152,5 +157,5 @@ class DeFINE(nn.Module):
         options = [f"{self.num_embeddings}, {self.embedding_dim}", f"map_dim={self.map_dim}"]
         if self.padding_idx is not None:
             options.append(f"padding_idx={self.padding_idx}")
-        options += [f"dedup={self.dedup}", f"cache={self.use_cache}"]
+        options += [f"dedup={self.dedup}", f"sparse={self.sparse}", f"cache={self.use_cache}"]
         return ", ".join(options)

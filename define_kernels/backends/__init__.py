@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 ENV_BACKEND = "DEFINE_KERNELS_BACKEND"
-_BUILTIN_MODULES = ("torch_reference",)
+_BUILTIN_MODULES = (
+    "torch_reference",
+)
 
 
 class BackendUnavailableError(RuntimeError):
