@@ -101,8 +101,11 @@ class HGTConfig:
             raise ValueError(
                 f"in_dim ({self.in_dim}) must be divisible by max_groups ({widest_group}) "
                 f"for transform {self.transform!r}")
-        # Cache the derived table on the frozen instance: computed once, here only.
+        # Derived values cached on the frozen instance: computed once, here only. The key is a
+        # plain attribute so torch.compile never traces json.
         object.__setattr__(self, "_layers", self._compute_layers())
+        object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True,
+                                                    separators=(",", ":")))
 
     # ----------------------------------------------------------------------------- groups
     @property
@@ -186,7 +189,7 @@ class HGTConfig:
     @property
     def key(self) -> str:
         """A canonical string passed to the custom ops (they take no Python objects)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return self._key
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
