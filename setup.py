@@ -1,12 +1,41 @@
 """Packaging: pure-Python install; csrc/ ships inside the package for the JIT build (ninja).
 
 `pip install .` / `pip install -e .`; extras [test] and [bench].
+`DEFINE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .` also builds the C++ extension
+ahead of time as define_kernels._C (CUDA sources too when torch has CUDA and CUDA_HOME is set;
+DEBUG=1 for -O0 -g); it needs torch installed first.
 """
+import glob
 import os
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+def extension_options() -> dict:
+    """setup() arguments of the optional ahead-of-time build (env DEFINE_KERNELS_BUILD_EXT=1)."""
+    if os.environ.get("DEFINE_KERNELS_BUILD_EXT", "0") in ("", "0"):
+        return {}
+    import torch
+    from torch.utils import cpp_extension
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp", "-DDEFINE_KERNELS_PYTHON_MODULE"]
+    sources = [os.path.join(CSRC, "define_ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    kwargs = dict(include_dirs=[os.path.join(CSRC, "include")], extra_link_args=["-fopenmp"],
+                  extra_compile_args={"cxx": cxx_flags})
+    if torch.version.cuda and cpp_extension.CUDA_HOME:
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+        kwargs["extra_compile_args"]["nvcc"] = ["-O0", "-g"] if debug else ["-O3"]
+        extension = cpp_extension.CUDAExtension("define_kernels._C", sources, **kwargs)
+    else:
+        extension = cpp_extension.CppExtension("define_kernels._C", sources, **kwargs)
+    return dict(ext_modules=[extension], cmdclass={"build_ext": cpp_extension.BuildExtension})
+
+
 CSRC_PATTERNS = ["*.cpp", "*.cu", "*.cuh", "*.h", "**/*.cpp", "**/*.cu", "**/*.cuh", "**/*.h"]
 
 setup(
@@ -25,10 +54,12 @@ setup(
     install_requires=[
         "torch>=2.6",
         "ninja",
+        "numpy",  # torch warns on import without it
         'triton; platform_system == "Linux"',
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "expecttest", "numpy"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
     },
+    **extension_options(),
 )

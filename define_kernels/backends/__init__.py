@@ -26,6 +26,8 @@ AUTO = "auto"
 ENV_BACKEND = "DEFINE_KERNELS_BACKEND"
 _BUILTIN_MODULES = (
     "torch_reference",
+    "triton_hgt",
+    "cpp_ext",
 )
 
 

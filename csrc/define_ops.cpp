@@ -1,0 +1,22 @@
+// Schemas of the define_kernels_C ops; implementations live per device (cpu/, cuda/).
+//
+// layers: 6 ints per layer (in_features, out_features, groups, input_kind 0 x | 1 mix | 2 concat |
+// 3 prev, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu); seed -1 means no dropout.
+// Semantics are those of define_kernels/reference.py (hgt_forward, hgt_backward).
+#include <torch/library.h>
+
+#ifdef DEFINE_KERNELS_PYTHON_MODULE
+#include <Python.h>
+// Empty module so `import define_kernels._C` loads the library and runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+TORCH_LIBRARY(define_kernels_C, m) {
+  m.def("hgt_forward(Tensor x, Tensor? ids, Tensor[] params, int[] layers, bool shuffle, "
+        "float dropout, float scale, int seed) -> Tensor");
+  m.def("hgt_backward(Tensor grad_y, Tensor x, Tensor? ids, Tensor[] params, int[] layers, "
+        "bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
+}

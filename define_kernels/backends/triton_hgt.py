@@ -1,0 +1,387 @@
+"""The `triton` backend: the whole HGT stack of SPEC §2 in one fused Triton kernel launch.
+
+Design
+------
+Forward (`triton_kernels/forward.py`, ONE launch): each program owns a tile of BLOCK_T tokens and
+runs every layer for it: the Map lookup (rows of the table gathered by id, times `scale`), each
+grouped linear as tl.dot tiles (fp32 accumulate, bf16/fp16 tensor cores, fp32 in IEEE mode),
+the split-and-mix / concat skip read straight from x and the previous h (u_j @ W_j =
+x_part @ W_top + h_part @ W_bottom, never materialized), the feature shuffle folded into how the
+epilogue reads z (a fixed column permutation), per-group LayerNorm with fp32 statistics,
+activation, dropout from the common counter hash, and the reduce layer. Widths that are not
+powers of two (44, 136, ...) are covered by masked BLOCK_N / BLOCK_K tiles (all >= 16 for
+tl.dot). The layer table is unrolled at compile time: every width, group count and parameter
+offset is a constexpr, so one kernel is compiled per HGTConfig (and dtype).
+Intermediates live in an L2-resident per-tile scratch, not in registers: z (fp32, pre-norm) and
+h (parameter dtype), rows indexed by token, each program reading back only the rows it just
+wrote (a CTA barrier orders the stages). Forward-only scratch: T x max_w fp32 for z plus
+T x 2 max_w (ping-pong) for h. Parameters are packed into one flat buffer, re-packed only when
+a parameter changes (address + version counter, as the inference cache). Precision: x * scale
+and h enter the dots in the parameter dtype (as in the reference run in that dtype); z, LN
+statistics, activation and dropout are fp32, rounded once when h is stored.
+
+Backward (`triton_kernels/backward.py`, 1 + 3 L launches + a few torch reductions): the op
+contract hands backward only the inputs, so backward first re-runs the fused forward in SAVE
+layout, keeping every layer's z (fp32) and h (dtype): saved-activation memory
+T x sum_l w_l x (4 + dtype bytes), freed when backward returns, plus three fp32 buffers of
+T x max_w (dz, dh ping-pong) and one of T x p (e.g. wt103-base, T = 16384: about 0.5 GB). Then, layer by layer from the reduce layer down:
+  * epilogue backward (grid over token tiles): dropout mask regenerated from the seed,
+    activation derivative, LayerNorm backward, un-shuffle -> dz (fp32); per-tile partial sums
+    for the LN affine gradients;
+  * weight gradient: a grouped GEMM over ALL tokens, dW_j = u_j^T dz_j, split into fixed token
+    ranges (enough programs to fill the GPU), each program writing an fp32 partial tile that
+    torch then sums (two-stage, no atomics); u_j is read from x and the saved h. Bias and LN
+    affine gradients are likewise sums of dz and of per-tile partials;
+  * input gradient: du_j = dz_j W_j^T, scattered to the x part (accumulated over layers into an
+    fp32 [T, p] buffer; each column has exactly one writer per launch) and to dh of the layer
+    below.
+No atomics and fixed reduction orders anywhere (token splits depend only on the shapes and the
+device's SM count): results are deterministic, so the backend never refuses under
+torch.use_deterministic_algorithms; there the forward also skips autotuning (a timing-driven
+tile choice could change the K order of the dots between processes) and uses DETERMINISTIC_TILES. grad_rows is per gathered row (op contract);
+the op's autograd rule scatters it into the table.
+
+Availability: CUDA tensors, priority 10 (ahead of C++ CUDA). With TRITON_INTERPRET=1 (tests,
+debugging) also CPU tensors, with one pinned tile config, no autotune, no bf16, and priority
+2000, behind the reference, so `auto` keeps running real work on compiled backends while
+backend="triton" asks for the interpreter explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import List, Optional
+
+import torch
+
+from ..config import HGTConfig
+from ..inference_cache import parameters_fingerprint
+from . import Backend, OpInputs, register_backend
+
+PRIORITY = 10               # ahead of the C++ CUDA backend
+INTERPRETER_PRIORITY = 2000  # behind the reference: `auto` never routes real work to the interpreter
+_MASK32 = 0xFFFFFFFF
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _devices() -> tuple:
+    return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+
+def _priority() -> int:
+    return INTERPRETER_PRIORITY if _interpreting() else PRIORITY
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    try:
+        import triton  # noqa: F401
+        from .triton_kernels import backward, forward  # noqa: F401
+    except Exception as error:  # a broken install must not break the registry
+        return f"triton import failed: {type(error).__name__}: {error}"
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    reason = _triton_import_error()
+    if reason:
+        return reason
+    if not _interpreting() and not torch.cuda.is_available():
+        return "no CUDA device and TRITON_INTERPRET unset"
+    return None
+
+
+def input_reasons(inputs: OpInputs) -> List[str]:
+    reasons = []
+    if _interpreting() and inputs.x.device.type == "cpu" and inputs.x.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter has no bfloat16")
+    return reasons
+
+
+# ------------------------------------------------------------------------------- tile configs
+def forward_configs():
+    """Autotune candidates for the fused forward on a GPU (tiles >= 16 for tl.dot).
+
+    Offline sm_90 compiles of the wt2-small stack (bf16): these use <= 255 registers without
+    spilling; 128-row tiles, and 64 x 128 output tiles, spilled (1-1.4 KB of stack), so they
+    are left out. Few candidates on purpose: every one compiles the whole unrolled stack.
+    """
+    import triton
+    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (32, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for t, n, k, w, s in shapes]
+
+
+INTERPRETER_TILES = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+DETERMINISTIC_TILES = {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def backward_tiles(dtype: torch.dtype) -> dict:
+    """Fixed tiles of the backward kernels (no autotune: one of them accumulates into its output)."""
+    if _interpreting():
+        return dict(INTERPRETER_TILES, num_warps=4)
+    size = 32 if dtype == torch.float32 else 64
+    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4}
+
+
+def weight_grad_splits(programs: int, rows: int, block_t: int, device) -> int:
+    """How many token ranges the weight-gradient GEMM splits into: enough programs to fill the
+    GPU (4 per SM), never more ranges than token tiles. Fixed by shapes: results reproducible."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # interpreter: one range per token tile, so tests cover the two-stage sum
+        target = rows
+    wanted = -(-target // max(programs, 1))
+    return max(1, min(wanted, -(-rows // block_t)))
+
+
+_FORWARD_KEYS = ["IN", "OUT", "GROUPS", "KINDS", "NORMS", "ACTS", "Z_OFF", "SHUFFLE", "DROPOUT",
+                 "HAS_IDS", "DOT_PRECISION"]
+
+
+@functools.lru_cache(maxsize=1)
+def _forward_kernel():
+    """The fused forward: autotuned on a GPU, the plain kernel (pinned tiles) when interpreting."""
+    import triton
+    from .triton_kernels.forward import hgt_forward_kernel
+    if _interpreting():
+        return hgt_forward_kernel
+    return triton.autotune(configs=forward_configs(), key=_FORWARD_KEYS)(hgt_forward_kernel)
+
+
+def _forward_launch():
+    """(kernel, pinned tile kwargs): pinned under the interpreter and in deterministic mode."""
+    if _interpreting():
+        return _forward_kernel(), INTERPRETER_TILES
+    if torch.are_deterministic_algorithms_enabled():
+        from .triton_kernels.forward import hgt_forward_kernel
+        return hgt_forward_kernel, DETERMINISTIC_TILES
+    return _forward_kernel(), {}
+
+
+# ------------------------------------------------------------------------------- layouts
+def _cumulative(widths) -> tuple:
+    offsets, total = [], 0
+    for width in widths:
+        offsets.append(total)
+        total += width
+    return tuple(offsets)
+
+
+@functools.lru_cache(maxsize=64)
+def stack_layout(config: HGTConfig, save: bool) -> dict:
+    """Constexpr tables of the kernels: per-layer shapes, packed parameter and scratch offsets.
+
+    save=False: z reuses one max_w-wide scratch, h ping-pongs between two (forward only).
+    save=True: every layer gets its own z and h columns (kept for the backward).
+    """
+    from .triton_kernels.common import ACT_CODES, KIND_CODES
+    layers = config.layers
+    widths = [layer.out_features for layer in layers]
+    offsets = {"W_OFF": [], "B_OFF": [], "NW_OFF": [], "NB_OFF": []}
+    position = 0
+    shapes = iter(config.param_shapes())
+    for index in range(len(layers)):
+        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if config.layer_has_norm(index) else [])
+        for name in names:
+            offsets[name].append(position)
+            size = 1
+            for dim in next(shapes):
+                size *= dim
+            position += size
+        if not config.layer_has_norm(index):
+            offsets["NW_OFF"].append(0)
+            offsets["NB_OFF"].append(0)
+    widest = max(widths)
+    if save:
+        z_off, h_off = _cumulative(widths), _cumulative(widths[:-1]) + (0,)
+        z_width, h_width = sum(widths), max(sum(widths[:-1]), 1)
+    else:
+        z_off = (0,) * len(layers)
+        h_off = tuple((index % 2) * widest for index in range(len(layers) - 1)) + (0,)
+        z_width, h_width = widest, 2 * widest
+    return dict(
+        IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
+        GROUPS=tuple(layer.groups for layer in layers),
+        KINDS=tuple(KIND_CODES[layer.input_kind] for layer in layers),
+        PREV_W=(0,) + tuple(widths[:-1]),
+        NORMS=tuple(bool(config.layer_has_norm(i)) for i in range(len(layers))),
+        ACTS=tuple(ACT_CODES[config.layer_act(i)] for i in range(len(layers))),
+        **{name: tuple(values) for name, values in offsets.items()},
+        Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
+        P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
+        z_width=z_width, h_width=h_width, num_params=position)
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
+    """fmix32(seed ^ fmix32(layer)) per layer: the per-layer start of the dropout hash."""
+    return torch.tensor([_fmix32((seed & _MASK32) ^ _fmix32(layer)) for layer in range(num_layers)],
+                        dtype=torch.int64, device=device)
+
+
+class _PackedParams:
+    """One flat copy of the parameter list, rebuilt only when a parameter changed.
+
+    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
+    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
+    """
+
+    def __init__(self):
+        self._sources, self._fingerprint, self._flat = None, None, None
+
+    def get(self, params) -> torch.Tensor:
+        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
+        if self._flat is None or fingerprint != self._fingerprint:
+            self._flat = None  # free the stale copy first
+            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
+            self._sources, self._fingerprint = list(params), fingerprint
+        return self._flat
+
+
+_packed = _PackedParams()
+
+
+def _dropout_args(config: HGTConfig, seed: Optional[int], device):
+    from ..reference import dropout_threshold
+    if seed is None or config.dropout == 0:
+        return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
+    bases = dropout_bases(seed, len(config.layers), device)
+    return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
+
+
+def _on_device(device):
+    """Launch on the tensors' GPU (Triton uses the current device and its current stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def run_forward(x, ids, params, config: HGTConfig, scale: float, seed: Optional[int], save: bool):
+    """Launch the fused forward; returns (y, z_scratch, h_scratch, layout)."""
+    import triton
+    layout = stack_layout(config, save)
+    x = x.contiguous()
+    rows = x.shape[0] if ids is None else ids.shape[0]
+    device, dtype = x.device, x.dtype
+    y = torch.empty(rows, config.out_dim, device=device, dtype=dtype)
+    z = torch.empty(rows, layout["z_width"], device=device, dtype=torch.float32)
+    h = torch.empty(rows, layout["h_width"], device=device, dtype=dtype)
+    if rows == 0:
+        return y, z, h, layout
+    dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
+    flat = _packed.get(params)
+    ids_arg = ids.contiguous() if ids is not None else x  # unused when HAS_IDS is False
+    tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
+    kernel, tiles = _forward_launch()
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)  # noqa: E731
+    with _on_device(device):
+        kernel[grid](
+            x, ids_arg, flat, z, h, y, bases,
+            rows, x.stride(0), z.stride(0), h.stride(0), float(scale), threshold, drop_scale,
+            HAS_IDS=ids is not None, DROPOUT=dropout,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", **tables, **tiles)
+    return y, z, h, layout
+
+
+def triton_forward(x, ids, params, config, scale=1.0, seed=None):
+    with torch.no_grad():
+        return run_forward(x, ids, list(params), config, scale, seed, save=False)[0]
+
+
+def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
+    """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer."""
+    with torch.no_grad(), _on_device(x.device):
+        return _run_backward(grad_y, x, ids, params, config, scale, seed)
+
+
+def _run_backward(grad_y, x, ids, params, config, scale, seed):
+    import triton
+    from .triton_kernels.backward import epilogue_backward_kernel, input_grad_kernel, weight_grad_kernel
+    params = [p.detach() for p in params]
+    dtype, device = x.dtype, x.device
+    _, z, h, layout = run_forward(x, ids, params, config, scale, seed, save=True)
+    x = x.contiguous()
+    rows = x.shape[0] if ids is None else ids.shape[0]
+    if rows == 0:
+        return x.new_zeros(0, config.in_dim), [torch.zeros_like(p) for p in params]
+    flat = _packed.get(params)
+    dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
+    ids_arg = ids.contiguous() if ids is not None else x
+    tiles = backward_tiles(dtype)
+    block_t, block_n, block_k = tiles["BLOCK_T"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    warps = tiles["num_warps"]
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    row_tiles = triton.cdiv(rows, block_t)
+    widest = max(layer.out_features for layer in config.layers)
+    dx = torch.zeros(rows, config.in_dim, device=device, dtype=torch.float32)
+    dz = torch.empty(rows, widest, device=device, dtype=torch.float32)
+    dh_buffers = [torch.empty(rows, widest, device=device, dtype=torch.float32) for _ in range(2)]
+    dh = grad_y.contiguous()
+    per_layer = [None] * len(config.layers)
+    for index in reversed(range(len(config.layers))):
+        layer = config.layers[index]
+        groups, width, fan_in = layer.groups, layer.out_features, layer.in_features
+        c, a_g = width // groups, fan_in // groups
+        has_norm = config.layer_has_norm(index)
+        partial_shape = (row_tiles, groups, c) if has_norm else (1,)
+        dgamma = torch.empty(partial_shape, device=device, dtype=torch.float32)
+        dbeta = torch.empty(partial_shape, device=device, dtype=torch.float32)
+        z_layer = z[:, layout["Z_OFF"][index]:]
+        epilogue_backward_kernel[(row_tiles,)](
+            dh, z_layer, flat, dz, dgamma, dbeta, ids_arg, bases,
+            rows, dh.stride(0), z.stride(0), dz.stride(0), threshold, drop_scale,
+            LAYER=index, G=groups, C=c, HAS_NORM=has_norm, ACT=layout["ACTS"][index],
+            NW_OFF=layout["NW_OFF"][index], NB_OFF=layout["NB_OFF"][index],
+            HAS_IDS=ids is not None, SHUFFLE=config.shuffle, DROPOUT=dropout,
+            BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps)
+        shape = dict(P=config.in_dim, A=fan_in, W=width, G=groups,
+                     KIND=layout["KINDS"][index], WP=layout["PREV_W"][index],
+                     DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+        h_in = h[:, layout["HIN_OFF"][index]:]
+        weight_tiles = triton.cdiv(a_g, block_k) * triton.cdiv(c, block_n)
+        splits = weight_grad_splits(weight_tiles * groups, rows, block_t, device)
+        tokens_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
+        splits = triton.cdiv(rows, tokens_per_split)
+        partial_weight = torch.empty(splits, groups, a_g, c, device=device, dtype=torch.float32)
+        weight_grad_kernel[(weight_tiles, splits, groups)](
+            x, ids_arg, h_in, dz, partial_weight, rows, tokens_per_split, x.stride(0),
+            h.stride(0), dz.stride(0), float(scale), HAS_IDS=ids is not None, num_warps=warps,
+            **shape)
+        grad_weight = partial_weight.sum(0).to(dtype)
+        dh_below = dh_buffers[index % 2]
+        input_grad_kernel[(row_tiles, triton.cdiv(a_g, block_k), groups)](
+            dz, flat, dx, dh_below, rows, dz.stride(0), dx.stride(0), dh_below.stride(0),
+            W_OFF=layout["W_OFF"][index], num_warps=warps, **shape)
+        grads = [grad_weight, dz[:, :width].reshape(rows, groups, c).sum(0).to(dtype)]
+        if has_norm:
+            grads += [dgamma.sum((0, 1)).to(dtype), dbeta.sum((0, 1)).to(dtype)]
+        per_layer[index] = grads
+        dh = dh_below
+    grad_rows = (dx * scale).to(dtype)
+    return grad_rows, [grad for grads in per_layer for grad in grads]
+
+
+register_backend(Backend(
+    name="triton",
+    priority=_priority(),
+    devices=_devices(),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    forward=triton_forward,
+    backward=triton_backward,
+    unavailable_reason=unavailable_reason,
+    input_reasons=input_reasons,
+    description="fused Triton kernels: one launch for the forward stack, recompute + grouped GEMMs backward",
+))

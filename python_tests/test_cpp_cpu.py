@@ -1,0 +1,239 @@
+"""The C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
+argument errors, determinism. The build is shared by the whole session (cached on disk) and must
+succeed: a failed build fails here, unless DEFINE_KERNELS_NO_JIT=1 asked for no build."""
+import os
+import re
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from define_kernels import ops, reference
+from define_kernels.backends import cpp_ext
+from define_kernels.config import HGTConfig
+from tolerances import assert_close
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    state = cpp_ext.load_library()
+    if state.reason and os.environ.get(cpp_ext.ENV_NO_JIT, "0") not in ("", "0"):
+        pytest.skip(f"C++ extension not loaded: {state.reason}")
+    assert state.reason is None, f"C++ extension failed to build/load: {state.reason}"
+    return state
+
+
+def make_params(config, dtype=torch.float64):
+    """Random parameters (not the init: non-trivial norm affines and biases)."""
+    params = []
+    for shape in config.param_shapes():
+        scale = 0.4 if len(shape) == 3 else 0.2
+        params.append(torch.randn(shape, dtype=dtype) * scale + (1.0 if len(shape) == 1 else 0.0))
+    return params
+
+
+CONFIGS = {
+    "define": HGTConfig(16, 40, 12, 3, 4, align=4),
+    "define-cycle-shuffle": HGTConfig(16, 48, 16, 3, 4, group_rule="cycle", shuffle=True),
+    "define_nomix-relu": HGTConfig(16, 40, 12, 2, 4, transform="define_nomix", act="relu"),
+    "hgt-silu-nonorm": HGTConfig(16, 40, 12, 3, 4, transform="hgt", act="silu", norm=None),
+    "glt-shuffle-noact": HGTConfig(16, 40, 12, 2, 4, transform="glt", shuffle=True, act=None),
+    "linear-nonorm-noact": HGTConfig(12, 30, 7, 2, 1, transform="linear", norm=None, act=None),
+    "odd-widths-linear-reduce": HGTConfig(12, 37, 7, 3, 4, align=1, reduce_norm=False,
+                                          reduce_act=False, shuffle=True),
+    "dropout": HGTConfig(16, 40, 12, 3, 4, align=4, dropout=0.3),
+}
+
+
+def inputs(config, rows, dtype, with_ids=True, vocab=29):
+    if with_ids:
+        x = torch.randn(vocab, config.in_dim, dtype=dtype)
+        ids = torch.randint(0, vocab, (rows,))
+        if rows > 2:
+            ids[0], ids[1], ids[2] = vocab - 1, 3, 3  # last id, a repeated id
+        return x, ids
+    return torch.randn(rows, config.in_dim, dtype=dtype), None
+
+
+def check_against_reference(config, x, ids, dtype, scale=0.8, seed=None):
+    params = make_params(config, dtype)
+    y = cpp_ext.forward(x, ids, params, config, scale, seed)
+    y_ref = reference.hgt_forward(x, ids, params, config, scale, seed)
+    assert_close(y, y_ref, name="y")
+    grad_y = torch.randn_like(y_ref)
+    grad_rows, grad_params = cpp_ext.backward(grad_y, x, ids, params, config, scale, seed)
+    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y, x, ids, params, config, scale, seed)
+    assert_close(grad_rows, grad_rows_ref, name="grad_rows")
+    assert len(grad_params) == len(grad_params_ref)
+    for index, (got, want) in enumerate(zip(grad_params, grad_params_ref)):
+        assert_close(got, want, name=f"grad_params[{index}]")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference(name, dtype):
+    config = CONFIGS[name]
+    x, ids = inputs(config, 37, dtype)
+    check_against_reference(config, x, ids, dtype, seed=1234 if config.dropout else None)
+
+
+@pytest.mark.parametrize("rows,with_ids,id_dtype", [
+    (1, True, torch.int64),      # one token
+    (300, True, torch.int32),    # several tiles (128 rows each), a partial last tile, int32 ids
+    (300, False, None),          # dense x
+    (0, True, torch.int64),      # no tokens
+])
+def test_shapes(rows, with_ids, id_dtype):
+    config = CONFIGS["define-cycle-shuffle"]
+    x, ids = inputs(config, rows, torch.float64, with_ids)
+    if ids is not None:
+        ids = ids.to(id_dtype)
+    check_against_reference(config, x, ids, torch.float64, scale=1.0)
+
+
+def test_dropout_mask_bit_exact_through_public_op():
+    """Same seed -> the reference's mask: zeros in the same places and equal values, for ids
+    (row key = token id) and dense rows (row key = row index)."""
+    config = HGTConfig(16, 40, 24, 2, 4, align=4, dropout=0.5, act="relu", norm=None)
+    params = make_params(config, torch.float32)
+    for x, ids in (inputs(config, 200, torch.float32), inputs(config, 200, torch.float32, False)):
+        seed = torch.tensor(987654321)
+        y = ops.hgt(x, params, config, ids=ids, seed=seed, backend="cpu_cpp")
+        y_ref = ops.hgt(x, params, config, ids=ids, seed=seed, backend="torch")
+        assert torch.equal(y == 0, y_ref == 0)
+        assert_close(y, y_ref, name="y with dropout")
+        assert (y == 0).float().mean() > 0.3  # the mask really drops (relu alone would not)
+
+
+def test_gradcheck_fp64_public_op():
+    config = HGTConfig(8, 16, 6, 2, 2, align=2, shuffle=True, dropout=0.25)
+    params = [p.requires_grad_() for p in make_params(config)]
+    x = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 10, 3, 3, 7])
+    seed = torch.tensor(42)
+
+    def run(x, *params):
+        return ops.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend="cpu_cpp")
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_fp32_gradients_public_op():
+    config = CONFIGS["define"]
+    params = [p.requires_grad_() for p in make_params(config, torch.float32)]
+    x, ids = inputs(config, 150, torch.float32)
+    x.requires_grad_()
+    grads = {}
+    for backend in ("cpu_cpp", "torch"):
+        y = ops.hgt(x, params, config, ids=ids, backend=backend)
+        grads[backend] = torch.autograd.grad((y * y).sum(), [x, *params])
+    for index, (got, want) in enumerate(zip(grads["cpu_cpp"], grads["torch"])):
+        assert_close(got, want, name=f"grad {index}")
+
+
+def c_args(config, dtype=torch.float64, rows=9, seed=-1):
+    x, ids = inputs(config, rows, dtype)
+    return [x, ids, make_params(config, dtype), *cpp_ext.cpp_args(config, 0.9, None)[:-1], seed]
+
+
+@pytest.mark.parametrize("name", ["define-cycle-shuffle", "dropout", "linear-nonorm-noact"])
+def test_opcheck(name):
+    config = CONFIGS[name]
+    args = c_args(config, seed=77 if config.dropout else -1)
+    torch.library.opcheck(torch.ops.define_kernels_C.hgt_forward.default, args)
+    grad_y = torch.randn(args[1].shape[0], config.out_dim, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.define_kernels_C.hgt_backward.default, [grad_y] + args)
+    dense = [torch.randn(5, config.in_dim, dtype=torch.float64), None] + args[2:]
+    torch.library.opcheck(torch.ops.define_kernels_C.hgt_forward.default, dense)
+
+
+def test_deterministic():
+    config = CONFIGS["define"]
+    x, ids = inputs(config, 600, torch.float32)  # several tiles per thread chunk
+    params = make_params(config, torch.float32)
+    grad_y = torch.randn(600, config.out_dim)
+    first = cpp_ext.backward(grad_y, x, ids, params, config, 1.0, None)
+    second = cpp_ext.backward(grad_y, x, ids, params, config, 1.0, None)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert torch.equal(cpp_ext.forward(x, ids, params, config), cpp_ext.forward(x, ids, params, config))
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _bad(config):
+    """(case name, args modifier, exception, text naming the argument)."""
+    def at(index, value):
+        def edit(args):
+            args[index] = value(args) if callable(value) else value
+        return edit
+
+    def param(index, make):
+        def edit(args):
+            args[2] = list(args[2])
+            args[2][index] = make(args[2][index])
+        return edit
+
+    def half_everything(args):  # a dtype the fake accepts (CUDA takes it), the CPU kernel refuses
+        args[0], args[2] = args[0].half(), [p.half() for p in args[2]]
+
+    layers = cpp_ext.encode_layers(config)
+    return [
+        ("x 3-D", at(0, lambda a: a[0][None]), ValueError, "x"),
+        ("x int", at(0, lambda a: a[0].long()), ValueError, "x"),
+        ("x half", half_everything, ValueError, "x"),
+        ("x width", at(0, lambda a: a[0][:, :-1]), ValueError, "layers"),
+        ("ids 2-D", at(1, lambda a: a[1][None]), ValueError, "ids"),
+        ("ids float", at(1, lambda a: a[1].double()), ValueError, "ids"),
+        ("params count", at(2, lambda a: a[2][:-1]), ValueError, "params"),
+        ("param shape", param(0, lambda p: p[:, :-1]), ValueError, "params[0]"),
+        ("param dtype", param(1, lambda p: p.float()), ValueError, "params[1]"),
+        ("layers length", at(3, layers[:-1]), ValueError, "layers"),
+        ("layers groups", at(3, [layers[0], layers[1], 5] + layers[3:]), ValueError, "layers"),
+        ("layers kind", at(3, layers[:3] + [7] + layers[4:]), ValueError, "layers"),
+        ("layers act", at(3, layers[:5] + [9] + layers[6:]), ValueError, "layers"),
+        ("dropout", at(5, 1.0), ValueError, "dropout"),
+        ("seed", at(7, 2**31), ValueError, "seed"),
+    ]
+
+
+# The fake (shared by CPU and CUDA) accepts fp16, which only the CPU kernel refuses.
+BAD_CASES = [(case[0], fake) for case in _bad(CONFIGS["define"]) for fake in (False, True)
+             if not (fake and case[0] == "x half")]
+
+
+@pytest.mark.parametrize("case,fake", BAD_CASES, ids=[f"{c}-{'fake' if f else 'cpp'}" for c, f in BAD_CASES])
+def test_bad_inputs_name_the_argument(case, fake):
+    """The C++ op and its Python fake raise the same error type naming the same argument."""
+    config = CONFIGS["define"]
+    _, edit, error, text = next(c for c in _bad(config) if c[0] == case)
+    args = c_args(config)
+    edit(args)
+    pattern = r"\b" + re.escape(text)
+    if fake:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with pytest.raises(error, match=pattern):
+                torch.ops.define_kernels_C.hgt_forward(*args)
+    else:
+        with pytest.raises(error, match=pattern):
+            torch.ops.define_kernels_C.hgt_forward(*args)
+        grad_y = torch.randn(9, config.out_dim, dtype=torch.float64)
+        with pytest.raises(error):
+            torch.ops.define_kernels_C.hgt_backward(grad_y, *args)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 29])
+def test_ids_out_of_range_is_index_error(bad_id):
+    args = c_args(CONFIGS["define"])
+    args[1][4] = bad_id
+    with pytest.raises(IndexError, match=rf"ids contains {bad_id}"):
+        torch.ops.define_kernels_C.hgt_forward(*args)
+
+
+def test_bad_grad_y():
+    config = CONFIGS["define"]
+    args = c_args(config)
+    for grad_y in (torch.randn(8, config.out_dim, dtype=torch.float64),
+                   torch.randn(9, config.out_dim)):
+        with pytest.raises(ValueError, match="grad_y"):
+            torch.ops.define_kernels_C.hgt_backward(grad_y, *args)
