@@ -9,6 +9,8 @@
 // Math contract: define_kernels/reference.py. Design: bench/gpu_cuda_notes.md.
 #include "hgt_kernels.cuh"
 
+#include <define_kernels/dropout_hash.h>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -52,22 +54,12 @@ template <> struct UseTensorCores<__half> { static constexpr bool value = true; 
 template <> struct UseTensorCores<__nv_bfloat16> { static constexpr bool value = true; };
 #endif
 
-__device__ __forceinline__ uint32_t fmix32(uint32_t h) {  // MurmurHash3 finalizer
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
-// Bit-exact with reference.dropout_keep_mask.
+// Bit-exact with reference.dropout_keep_mask (the hash is shared with the CPU code).
 __device__ __forceinline__ bool keep_feature(const HgtStack& st, int layer, uint32_t row_key,
                                              uint32_t feature) {
-  uint32_t h = fmix32(st.seed ^ fmix32(static_cast<uint32_t>(layer)));
-  h = fmix32(h ^ row_key);
-  h = fmix32(h ^ feature);
-  return (h >> 8) >= st.drop_threshold;
+  const uint32_t row_hash = define_kernels::dropout_row_hash(
+      define_kernels::dropout_layer_hash(st.seed, layer), row_key);
+  return define_kernels::dropout_keep(row_hash, feature, st.drop_threshold);
 }
 
 // Table row of token t (the Map lookup) and its dropout key (token id, or row index when dense).
