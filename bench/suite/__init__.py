@@ -1,0 +1,1 @@
+"""pytest-benchmark suite (`make bench-suite`): every provider and mode at small sizes."""

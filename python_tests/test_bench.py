@@ -1,0 +1,189 @@
+"""The benchmark harness (bench/): end to end at tiny sizes on CPU, CSV format, plots, and the
+FLOP / byte counts against values computed by hand. No timing is asserted."""
+import csv
+
+import pytest
+import torch
+
+from bench import metrics, plot, providers, report, run, workloads
+from define_kernels.workloads import WORKLOADS
+
+TINY = "custom:V=97,n=16,k=64,m=24,N=2,g=4"
+
+
+def tiny_config():
+    return workloads.parse_workload(TINY).config()
+
+
+# ------------------------------------------------------------------------------ counts
+def test_tiny_config_is_the_hand_computed_one():
+    # expand groups (4, 2); widths: 16 + 48/2 = 40 (multiple of 8), 64; reduce 16 + 64 -> 24
+    assert [tuple(layer[:3]) for layer in tiny_config().layers] == [(16, 40, 4), (56, 64, 2), (80, 24, 1)]
+    # MACs 16*40/4 + 56*64/2 + 80*24; params (160+40+20) + (1792+64+64) + (1920+24+48)
+    assert tiny_config().macs_per_token == 160 + 1792 + 1920 == 3872
+    assert tiny_config().num_parameters == 220 + 1920 + 1992 == 4132
+
+
+def define_cost(**changes):
+    cost = metrics.StepCost(tokens=50, unique=24, stack_rows=24, vocab_size=97, table_dim=16,
+                            out_dim=24, elem_bytes=4, config=tiny_config())
+    return cost._replace(**changes)
+
+
+def test_flop_count_matches_hand_computed_values():
+    assert metrics.flop_count(define_cost(), "forward") == 2 * 3872 * 24 == 185_856
+    assert metrics.flop_count(define_cost(), "inference") == 185_856
+    assert metrics.flop_count(define_cost(), "forward_backward") == 3 * 185_856
+    assert metrics.flop_count(define_cost(), "train") == 557_568
+    assert metrics.flop_count(define_cost(stack_rows=50), "forward") == 2 * 3872 * 50  # no dedup
+    assert metrics.flop_count(define_cost(cached=True), "inference") == 0
+    embedding = define_cost(config=None, table_dim=24, stack_rows=0)
+    assert metrics.flop_count(embedding, "train") == 0
+
+
+def test_byte_count_matches_hand_computed_values():
+    # forward: ids 8*50 + map rows 24*16*4 + params 4132*4 + output 50*24*4
+    assert metrics.byte_count(define_cost(), "forward") == 400 + 1536 + 16_528 + 4800 == 23_264
+    # backward adds grad_y 4800, params + their grads 2*16528, map rows again 1536,
+    # dense table grad 97*16*4 = 6208
+    assert metrics.byte_count(define_cost(), "forward_backward") == 23_264 + 4800 + 33_056 + 1536 + 6208
+    # AdamW: 7 touches x 4 bytes over the transform params and the whole map table
+    assert metrics.byte_count(define_cost(), "train") == 68_864 + 28 * (4132 + 97 * 16) == 228_016
+    # sparse: the table gradient and SparseAdam touch the 24 distinct rows only
+    assert metrics.byte_count(define_cost(sparse=True), "train") == \
+        23_264 + 4800 + 33_056 + 1536 + 1536 + 28 * (4132 + 24 * 16) == 190_640
+    # cached inference: ids, 24 distinct rows of the [V, m] table, output
+    assert metrics.byte_count(define_cost(cached=True), "inference") == 400 + 24 * 24 * 4 + 4800
+    embedding = define_cost(config=None, table_dim=24, stack_rows=0)
+    assert metrics.byte_count(embedding, "forward") == 400 + 2304 + 4800
+    assert metrics.byte_count(embedding, "train") == 7504 + 4800 + 97 * 24 * 4 + 28 * 97 * 24 == 86_800
+
+
+def test_counts_reject_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        metrics.flop_count(define_cost(), "backward")
+
+
+# ------------------------------------------------------------------------------ workloads
+def test_parse_workload_names_and_custom():
+    assert workloads.parse_workload("wt103-base") is WORKLOADS["wt103-base"]
+    custom = workloads.parse_workload(TINY + ",T=33")
+    assert (custom.vocab_size, custom.map_dim, custom.tokens_per_batch) == (97, 16, 33)
+    for bad in ("nope", "custom:V=97", "custom:V=97,x=1"):
+        with pytest.raises(ValueError, match="workload"):
+            workloads.parse_workload(bad)
+    assert run._workloads(f"ptb-lstm,{TINY},wt2-small") == ["ptb-lstm", TINY, "wt2-small"]
+
+
+def test_zipf_ids_are_seeded_skewed_and_in_range():
+    ids = workloads.zipf_ids(1000, 20_000, seed=3)
+    assert torch.equal(ids, workloads.zipf_ids(1000, 20_000, seed=3))
+    assert 0 <= int(ids.min()) and int(ids.max()) < 1000
+    counts = torch.bincount(ids, minlength=1000).double()
+    # Zipf(1.1) over 1000 ids gives id 0 about 15% of the mass; uniform would give 0.1%
+    assert 0.10 < counts[0] / ids.numel() < 0.20
+    assert counts[0] > 50 * counts[500:].mean()
+
+
+def test_corpus_ids_map_words_by_frequency_rank(tmp_path):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "train.txt").write_text("b a a\nc a b\n" * 40)
+    workloads.corpus_stream.cache_clear()
+    stream = workloads.corpus_stream("ptb", str(tmp_path))
+    # counts: a 3, b 2, <eos> 2 (b first seen earlier), c 1 per pair of lines
+    assert stream[:8].tolist() == [1, 0, 0, 2, 3, 0, 1, 2]
+    ids = workloads.batch_ids(WORKLOADS["ptb-lstm"]._replace(vocab_size=3), 70, "ptb", str(tmp_path))
+    assert ids.numel() == 70 and int(ids.max()) == 2  # rank 3 ('c') folds into the last id
+    workloads.corpus_stream.cache_clear()
+
+
+def test_real_corpus_batches():
+    try:
+        workloads.find_data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"shared corpora not present: {error}")
+    ids = workloads.batch_ids(WORKLOADS["wt2-small"], 4096, "wikitext-2")
+    assert ids.shape == (4096,) and int(ids.max()) < 33_278
+    assert 500 < torch.unique(ids).numel() < 4096  # real text repeats words
+
+
+def test_missing_corpus_dir_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv(workloads.ENV_DATA_DIR, str(tmp_path / "absent"))
+    monkeypatch.setattr(workloads, "REPO_ROOT", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        workloads.find_data_dir()
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_benchmark_runs_every_provider_end_to_end(tmp_path, capsys):
+    csv_path = tmp_path / "run.csv"
+    run.main(["--device", "cpu", "--providers", "all", "--workload", TINY, "--tokens", "40", "--reps", "1", "--warmup", "1",
+              "--compile-backend", "aot_eager", "--csv", str(csv_path), "--plots-dir", str(tmp_path),
+              "--no-progress"])
+    printed = capsys.readouterr().out
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == report.COLUMNS
+        rows = list(reader)
+    for column in ("date", "device", "commit", "torch", "triton", "cuda", "workload", "provider",
+                   "mode", "dtype", "tokens", "metric", "unit", "value", "p20", "p80"):
+        assert column in report.COLUMNS
+    assert not [r for r in rows if r["metric"] == "error"], \
+        [(r["provider"], r["mode"], r["note"]) for r in rows if r["metric"] == "error"]
+    unavailable = {r["provider"]: r["note"] for r in rows if r["metric"] == "unavailable"}
+    assert all(unavailable.values()), unavailable  # every provider not run says why
+    listed = providers.all_providers()
+    assert {"embedding", "embedding-sparse", "define-torch", "define-torch-nodedup",
+            "define-torch-sparse", "define-cache", "define-compile"} <= {p.name for p in listed}
+    spec = providers.Spec(workloads.parse_workload(TINY), torch.device("cpu"), torch.float32)
+    for provider in listed:
+        if provider.unavailable(spec) is not None:
+            assert provider.name in unavailable  # a backend that cannot run here: reported with why
+            continue
+        modes = {r["mode"] for r in rows if r["provider"] == provider.name and r["metric"] == "time"}
+        expected = {"inference"} if provider.name == "define-cache" else set(metrics.MODES)
+        assert modes == expected, provider.name
+        assert f"| {provider.name} |" in printed
+    times = [r for r in rows if r["metric"] == "time"]
+    assert all(float(r["value"]) > 0 and float(r["p20"]) <= float(r["value"]) <= float(r["p80"])
+               for r in times)
+    assert all(r["tokens"] == "40" and r["workload"].startswith("custom-V97") for r in times)
+    ratios = {(r["provider"], r["mode"]): float(r["value"]) for r in rows if r["metric"] == "time_vs_embedding"}
+    assert all(ratios[("embedding", mode)] == 1.0 for mode in metrics.MODES)
+    assert any(r["provider"] == report.MATMUL_PROVIDER and float(r["value"]) > 0 for r in rows)
+    tflops = [r for r in rows if r["metric"] == "tflops" and r["provider"] == "define-torch"]
+    assert tflops and all(float(r["value"]) > 0 for r in tflops)
+    pngs = sorted(tmp_path.glob("run_*.png"))
+    assert [p.name for p in pngs] == ["run_speedup_vs_eager.png", "run_throughput_vs_tokens.png",
+                                      "run_train_time_vs_vocab.png"]
+    assert all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_plot_cli_redraws_from_csv(tmp_path):
+    meta = dict(date="2026-01-01T00:00:00", device="cpu test", commit="abc", torch="2", triton="", cuda="")
+    rows = []
+    for vocab in (100, 1000):
+        for tokens in (64, 256):
+            for provider, ms in (("embedding", 1.0), ("define-torch", 4.0)):
+                base = dict(meta, workload=f"w-V{vocab}", provider=provider, mode="train",
+                            dtype="float32", tokens=tokens, vocab_size=vocab)
+                rows += [dict(base, metric="time", unit="ms", value=ms),
+                         dict(base, metric="tokens_per_s", unit="tokens/s", value=tokens / ms * 1e3),
+                         dict(base, metric="time_vs_eager", unit="x", value=ms / 4.0)]
+    path = report.write_csv(rows, tmp_path / "a.csv")
+    plot.main([str(path), "--out", str(tmp_path / "plots")])
+    assert len(list((tmp_path / "plots").glob("a_*.png"))) == 3
+    assert "| train | define-torch | 4 (—–—)" in report.markdown(report.read_csv([path]))
+
+
+def test_results_path_names_date_device_commit():
+    meta = dict(date="2026-11-21T14:00:05", device="NVIDIA H100 80GB HBM3", commit="0b7af7b")
+    path = report.results_path(meta, directory="/x")
+    assert str(path) == "/x/2026-11-21-140005_NVIDIA-H100-80GB-HBM3_0b7af7b.csv"
+
+
+def test_bad_flags_are_reported():
+    for argv in (["--modes", "backward"], ["--dtypes", "int8"], ["--providers", "nope"],
+                 ["--reps", "0"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(argv)
