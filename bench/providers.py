@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import time
 from typing import Callable, List, NamedTuple, Optional
 
@@ -45,7 +46,7 @@ class Spec(NamedTuple):
     dtype: torch.dtype
     compile_backend: str = "inductor"
     compile_modes: Optional[tuple] = None   # None: COMPILE_MODES for the device, best first
-    slow_backends: bool = False             # also run backends ranked behind the reference
+    slow_backends: bool = False             # also run the Triton interpreter on CPU
 
 
 @dataclasses.dataclass
@@ -222,12 +223,10 @@ def setup_define_compile(spec: Spec) -> Prepared:
 def backend_reason(name: str, spec: Spec) -> Optional[str]:
     """Why registry backend `name` cannot run this workload on spec's device/dtype, or None."""
     backend = registry._REGISTRY[name]
-    eager = registry._REGISTRY.get("torch")
-    if eager is not None and backend.priority > eager.priority and not spec.slow_backends:
-        # The registry's own word that `auto` sends no real work there (e.g. the Triton
-        # interpreter on CPU): minutes per call, no benchmark.
-        return (f"priority {backend.priority} ranks behind the eager reference here "
-                f"(debug/interpreter mode), so not benchmarked; --slow-backends runs it")
+    if name == "triton" and spec.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
+            and not spec.slow_backends:
+        # Triton's interpreter on CPU is a debugging aid: minutes per call, no benchmark.
+        return "runs in the Triton interpreter on CPU (TRITON_INTERPRET=1): not benchmarked; --slow-backends runs it"
     config = spec.workload.config()
     try:
         x = torch.zeros(2, config.in_dim, device=spec.device, dtype=spec.dtype)

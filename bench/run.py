@@ -81,7 +81,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of define-compile (tests use aot_eager)")
     parser.add_argument("--slow-backends", action="store_true",
-                        help="also run backends the registry ranks behind the reference (interpreters)")
+                        help="also run the Triton interpreter on CPU (TRITON_INTERPRET=1; minutes per call)")
     parser.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     parser.add_argument("--csv", type=Path, default=None, help="CSV path (default <out-dir>/<date>_<device>_<commit>.csv)")
     parser.add_argument("--tag", default="", help="suffix for the CSV name")

@@ -67,15 +67,16 @@ class Backend:
     description: str = ""
 
     def not_supported_reasons(self, inputs: OpInputs) -> List[str]:
-        reason = self.unavailable_reason()
-        if reason:
-            return [reason]
+        # Cheap metadata first: asking a backend for its global availability may build it.
         reasons = []
         if inputs.x.device.type not in self.devices:
             reasons.append(f"device {inputs.x.device.type} not in {self.devices}")
         if inputs.x.dtype not in self.dtypes:
             reasons.append(f"dtype {inputs.x.dtype} not in {[str(d) for d in self.dtypes]}")
-        return reasons or list(self.input_reasons(inputs))
+        if reasons:
+            return reasons
+        reason = self.unavailable_reason()
+        return [reason] if reason else list(self.input_reasons(inputs))
 
 
 _REGISTRY: dict = {}

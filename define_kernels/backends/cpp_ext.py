@@ -290,10 +290,11 @@ def _cuda_input_reasons(inputs) -> List[str]:
     return [f"{layers} layers, the CUDA kernels take at most {CUDA_MAX_LAYERS}"] if layers > CUDA_MAX_LAYERS else []
 
 
-# cpu_cpp goes before the reference in `auto`: measured side by side on the 2-core development
-# CPU (EPYC Zen 4, torch 2.13 MKL, 4096 tokens, fp32) it is faster for wt2-small and wt103-base
-# (forward x1.2-1.3, forward+backward x1.07) and about even for wt103-deep (x1.01 / x0.95).
-CPU_PRIORITY = 50
+# cpu_cpp goes AFTER the reference in `auto`: measured side by side on the quiet 2-core
+# development CPU (AMD EPYC, torch 2.13 CPU, fp32, 2,048-2,618 rows) it is slower than the
+# reference's batched matmuls: forward x0.70 (wt103-base) to x0.95 (wt103-deep), forward+backward
+# x0.72-0.95 (bench/results/, provider define-cpu_cpp vs define-torch). Ask for it by name.
+CPU_PRIORITY = 2000
 
 register_backend(Backend(
     name="cpu_cpp",
