@@ -31,7 +31,7 @@ def check_ids_in_range(ids: torch.Tensor, num_embeddings: int, argument: str = "
     """IndexError naming the first bad value; skipped for meta/fake tensors (no values)."""
     if ids.numel() == 0 or ids.device.type == "meta":
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(value) for value in torch.aminmax(ids))
     if low < 0 or high >= num_embeddings:
         bad = low if low < 0 else high
         raise IndexError(f"{argument} contains {bad}, outside [0, {num_embeddings}) "

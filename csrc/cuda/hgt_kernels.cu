@@ -99,6 +99,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Mean and 1/std (fp32) of one LayerNorm group's c values, each lane of a warp taking every
+// 32nd value; forward and backward must agree on these bit for bit.
+template <typename T>
+__device__ __forceinline__ float2 warp_group_moments(const T* zr, int c, int lane) {
+  float sum = 0.f;
+  for (int i = lane; i < c; i += 32) sum += to_float(zr[i]);
+  const float mean = warp_sum(sum) / c;
+  float sq = 0.f;
+  for (int i = lane; i < c; i += 32) {
+    const float d = to_float(zr[i]) - mean;
+    sq += d * d;
+  }
+  return make_float2(mean, rsqrtf(warp_sum(sq) / c + kLnEps));
+}
+
 // ------------------------------------------------------------------------ 2. cta_gemm
 template <typename T>
 struct GemmSmem {
@@ -278,15 +293,8 @@ __device__ void norm_act_dropout(const HgtStack& st, const HgtRows& in, int l, c
   for (int pair = threadIdx.x / 32; pair < nrows * L.groups; pair += kThreads / 32) {
     const int r = pair / L.groups, q0 = (pair % L.groups) * c;  // LN group = c consecutive outputs
     const T* zr = z + static_cast<int64_t>(r) * w + q0;
-    float sum = 0.f;
-    for (int i = lane; i < c; i += 32) sum += to_float(zr[i]);
-    const float mean = warp_sum(sum) / c;
-    float sq = 0.f;
-    for (int i = lane; i < c; i += 32) {
-      const float d = to_float(zr[i]) - mean;
-      sq += d * d;
-    }
-    const float rstd = rsqrtf(warp_sum(sq) / c + kLnEps);
+    const float2 moments = warp_group_moments(zr, c, lane);
+    const float mean = moments.x, rstd = moments.y;
     for (int i = lane; i < c; i += 32)
       finish(r, q0 + i, (to_float(zr[i]) - mean) * rstd * to_float(gamma[i]) + to_float(beta[i]));
   }
@@ -397,15 +405,8 @@ __global__ void __launch_bounds__(kThreads) hgt_dz_kernel(const __grid_constant_
       const int64_t r = r0 + pair / g;
       const int q0 = static_cast<int>(pair % g) * c;
       const T* zr = a.z + r * w + q0;
-      float sum = 0.f;
-      for (int i = lane; i < c; i += 32) sum += to_float(zr[i]);
-      const float mean = warp_sum(sum) / c;
-      float sq = 0.f;
-      for (int i = lane; i < c; i += 32) {
-        const float d = to_float(zr[i]) - mean;
-        sq += d * d;
-      }
-      const float rstd = rsqrtf(warp_sum(sq) / c + kLnEps);
+      const float2 moments = warp_group_moments(zr, c, lane);
+      const float mean = moments.x, rstd = moments.y;
       float s1 = 0.f, s2 = 0.f;
       for (int i = lane; i < c; i += 32) {
         const float xhat = (to_float(zr[i]) - mean) * rstd, gm = to_float(gamma[i]);
