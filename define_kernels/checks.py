@@ -5,14 +5,28 @@ checks (`check_ids_in_range`) read the ids and so run only on real tensors.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from .config import HGTConfig
+if TYPE_CHECKING:  # config.py imports this module
+    from .config import HGTConfig
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_last_dim(tensor, width: int, argument: str) -> None:
+    """ValueError unless `tensor` is a tensor of shape [..., width]."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0 or tensor.shape[-1] != width:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{argument} must have shape [..., {width}], got {shape}")
 
 
 def check_ids_dtype(ids: torch.Tensor, argument: str = "ids") -> None:

@@ -12,6 +12,8 @@ import math
 from fractions import Fraction
 from typing import NamedTuple, Optional
 
+from .checks import check_positive_int
+
 TRANSFORMS = ("define", "define_nomix", "hgt", "glt", "linear")
 GROUP_RULES = ("halve", "cycle")
 NORMS = ("layernorm", None)
@@ -35,11 +37,6 @@ class LayerSpec(NamedTuple):
 
 def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +76,7 @@ class HGTConfig:
 
     def __post_init__(self):
         for name in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups", "align"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if not _is_power_of_two(self.max_groups):
             raise ValueError(f"max_groups must be a power of two, got {self.max_groups}")
         if self.transform not in TRANSFORMS:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checks import check_ids_dtype, check_ids_in_range, check_same_device
+from .checks import check_ids_dtype, check_ids_in_range, check_positive_int, check_same_device
 from .config import LN_EPS, HGTConfig
 from .hgt import HGT
 from .inference_cache import InferenceCache
@@ -60,8 +60,7 @@ class DeFINE(nn.Module):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim),
                             ("map_dim", map_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), "
@@ -111,8 +110,7 @@ class DeFINE(nn.Module):
             table = self.cache.get(list(self.parameters()), self.num_embeddings, self._embed)
             y = F.embedding(flat, table)
         elif self.dedup and flat.numel() > 0:
-            check_ids_in_range(flat, self.num_embeddings)
-            unique, inverse = torch.unique(flat, return_inverse=True)
+            unique, inverse = torch.unique(flat, return_inverse=True)  # range checked in _embed / the op
             y = self._embed(unique)[inverse]
         else:
             y = self._embed(flat)

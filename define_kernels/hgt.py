@@ -9,6 +9,7 @@ from torch import nn
 
 from . import ops
 from .backends import check_backend_name
+from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
 
 
@@ -72,9 +73,7 @@ class HGT(nn.Module):
         return ops.draw_seed() if self.training and self.config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.config.in_dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape [..., {self.config.in_dim}], got {shape}")
+        check_last_dim(x, self.config.in_dim, "x")
         rows = x.reshape(-1, self.config.in_dim)
         y = ops.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend)
         return y.reshape(*x.shape[:-1], self.config.out_dim)

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import HGTConfig
 from ..hgt import HGT
-from ._checks import check_ids, positive_int
+from ..checks import check_positive_int
+from ._checks import check_ids
 
 
 def _check_cutoffs(cutoffs, num_embeddings) -> tuple:
@@ -43,8 +44,8 @@ class AdaptiveInput(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, cutoffs: Sequence[int] = (),
                  factor: float = 4):
         super().__init__()
-        positive_int("num_embeddings", num_embeddings)
-        positive_int("embedding_dim", embedding_dim)
+        check_positive_int("num_embeddings", num_embeddings)
+        check_positive_int("embedding_dim", embedding_dim)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
             raise ValueError(f"factor must be a number >= 1, got {factor!r}")
         self.num_embeddings, self.embedding_dim, self.factor = num_embeddings, embedding_dim, factor

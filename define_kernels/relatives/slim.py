@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_hidden, check_ids, positive_int
+from ..checks import check_positive_int
+from ._checks import check_hidden, check_ids
 
 
 def _slim_shapes(num_embeddings, dim, num_subvectors, pool_size, dim_name):
-    positive_int("num_embeddings", num_embeddings)
-    positive_int(dim_name, dim)
-    positive_int("num_subvectors", num_subvectors)
-    positive_int("pool_size", pool_size)
+    check_positive_int("num_embeddings", num_embeddings)
+    check_positive_int(dim_name, dim)
+    check_positive_int("num_subvectors", num_subvectors)
+    check_positive_int("pool_size", pool_size)
     if dim % num_subvectors:
         raise ValueError(f"{dim_name} ({dim}) must be divisible by num_subvectors ({num_subvectors})")
     if pool_size % num_subvectors:

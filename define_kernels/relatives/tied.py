@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..define import DeFINE
-from ._checks import check_hidden, positive_int
+from ..checks import check_positive_int
+from ._checks import check_hidden
 
 
 class TiedOutput(nn.Module):
@@ -43,7 +44,7 @@ class TiedOutput(nn.Module):
         vocab, width = weight.shape
         if hidden_dim is None:
             hidden_dim = embedding.embedding_dim
-        self.hidden_dim = positive_int("hidden_dim", hidden_dim)
+        self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         # Held in a plain list so the table is registered (and counted) once, by its owner.
         self._owner = [embedding]
         self.num_embeddings, self.table_dim = vocab, width
