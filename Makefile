@@ -19,7 +19,7 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest python_tests -q -p no:cacheprovider
+	$(PY) -m pytest python_tests -q -rs -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -28,11 +28,15 @@ RUN_ONCE = textwrap.dedent("""
     params = [torch.randn(s, dtype=torch.float64) for s in config.param_shapes()]
     x, ids = torch.randn(20, 16, dtype=torch.float64), torch.randint(0, 20, (33,))
     inputs = backends.OpInputs(x, ids, params, config, 1.0, None)
+    expected = reference.hgt_forward(x, ids, params, config)
     with warnings.catch_warnings(record=True) as caught:
+        available = backends.available_backends()  # loads (or fails to build) the extension
         chosen = [backends.select("auto", inputs).name for _ in range(3)]
-        y = ops.hgt(x, params, config, ids=ids)
-    torch.testing.assert_close(y, reference.hgt_forward(x, ids, params, config))
+        torch.testing.assert_close(ops.hgt(x, params, config, ids=ids), expected)
+        if "cpu_cpp" in available:
+            torch.testing.assert_close(ops.hgt(x, params, config, ids=ids, backend="cpu_cpp"), expected)
     print("STATE", cpp_ext.load_library())
+    print("CPP_AVAILABLE", "cpu_cpp" in available)
     print("CHOSEN", chosen)
     print("WARNINGS", len(caught))
     for w in caught:
@@ -81,7 +85,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert_ok(result)
     assert "WARNINGS 1" in result.stdout, result.stdout
     assert "JIT build failed" in result.stdout and "broken on purpose" in result.stdout, result.stdout
-    assert "CHOSEN ['torch', 'torch', 'torch']" in result.stdout
+    assert "CPP_AVAILABLE False" in result.stdout and "CHOSEN ['torch', 'torch', 'torch']" in result.stdout
 
 
 def test_no_jit_disables_the_build(tmp_path):
@@ -89,6 +93,7 @@ def test_no_jit_disables_the_build(tmp_path):
     assert_ok(result)
     assert "WARNINGS 0" in result.stdout, result.stdout
     assert cpp_ext.ENV_NO_JIT in result.stdout and "CHOSEN ['torch', 'torch', 'torch']" in result.stdout
+    assert "CPP_AVAILABLE False" in result.stdout
     assert not (tmp_path / "ext").exists()
 
 
@@ -101,7 +106,7 @@ def test_two_processes_build_into_one_fresh_cache(tmp_path):
     for process in processes:
         stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, f"{stdout}\n{stderr[-4000:]}"
-        assert "WARNINGS 0" in stdout and "CHOSEN ['cpu_cpp', 'cpu_cpp', 'cpu_cpp']" in stdout, stdout
+        assert "WARNINGS 0" in stdout and "CPP_AVAILABLE True" in stdout, stdout
         assert "source='jit:" in stdout
 
 
