@@ -219,15 +219,20 @@ class HgtTile {
         std::memcpy(xhat_[l].data() + t * w, v, w * sizeof(T));
       }
       act_forward_row(d.act, v, w);
-      T* o = out + t * w;
-      if (a_.dropout_on) {
-        const uint32_t row_hash = dropout_row_hash(layer_hash, row_key(r0 + t));
-        for (int64_t f = 0; f < w; ++f)
-          o[f] = dropout_keep(row_hash, f, a_.threshold) ? v[f] * a_.keep_scale : T(0);
-      } else {
-        std::memcpy(o, v, w * sizeof(T));
-      }
+      apply_dropout_row(layer_hash, r0 + t, v, out + t * w, w);
     }
+  }
+
+  // dst = src * keep / (1 - p) for row r's mask (or a copy without dropout); the forward applies
+  // it to values and the backward to gradients, so both must see the very same mask.
+  void apply_dropout_row(uint32_t layer_hash, int64_t r, const T* src, T* dst, int64_t w) const {
+    if (!a_.dropout_on) {
+      std::memcpy(dst, src, w * sizeof(T));
+      return;
+    }
+    const uint32_t row_hash = dropout_row_hash(layer_hash, row_key(r));
+    for (int64_t f = 0; f < w; ++f)
+      dst[f] = dropout_keep(row_hash, f, a_.threshold) ? src[f] * a_.keep_scale : T(0);
   }
 
   // From the gradient gh [n, w] of layer l's output to gz_ [n, w] (pre-shuffle), plus the
@@ -248,13 +253,7 @@ class HgtTile {
     for (int64_t t = 0; t < n; ++t) {
       const T* xh = xhat_[l].data() + t * w;
       const T* ght = gh + t * w;
-      if (a_.dropout_on) {
-        const uint32_t row_hash = dropout_row_hash(layer_hash, row_key(r0 + t));
-        for (int64_t f = 0; f < w; ++f)
-          g[f] = dropout_keep(row_hash, f, a_.threshold) ? ght[f] * a_.keep_scale : T(0);
-      } else {
-        std::memcpy(g, ght, w * sizeof(T));
-      }
+      apply_dropout_row(layer_hash, r0 + t, ght, g, w);
       if (d.act != kActNone) {
         if (d.has_norm) {
           for (int64_t j = 0; j < d.groups; ++j)
