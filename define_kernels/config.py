@@ -16,6 +16,7 @@ from .checks import check_positive_int
 
 TRANSFORMS = ("define", "define_nomix", "hgt", "glt", "linear")
 GROUP_RULES = ("halve", "cycle")
+WIDTH_ROUNDINGS = ("exact", "truncate")
 NORMS = ("layernorm", None)
 ACTS = ("gelu", "relu", "silu", None)
 
@@ -49,8 +50,14 @@ class HGTConfig:
         out_dim: m, width of the reduce layer (the embedding dim).
         depth: N, number of expand layers; the stack has N + 1 layers.
         max_groups: g_max, a power of two dividing in_dim.
-        group_rule: "halve" (paper) or "cycle" (authors' reference code).
+        group_rule: "halve" (paper) or "cycle" (authors' reference code: 1, 2, .., g_max, 1, ..
+            over N + 1 entries, reversed; the last entry is the reduce layer's g = 1).
         align: expand widths are rounded up to a multiple of lcm(g_l, g_{l+1}, align).
+        width_rounding: "exact" rounds up the exact target p + (k - p) l / N; "truncate" (the
+            authors' code) first truncates its float64 value to an integer (docs/math.md).
+        output_layer: one more layer after reduce (the authors' layout): g = 1, in_features p + m,
+            out_features m, over concat(x, y_reduce), with the norm, activation and dropout of
+            the expand layers.
         transform: "define" (default), "define_nomix", "hgt", "glt" or "linear" (paper Table 4).
         shuffle: feature shuffle after each grouped transform.
         norm: "layernorm" (per-group LayerNorm, affine shared by a layer's groups) or None.
@@ -73,6 +80,8 @@ class HGTConfig:
     dropout: float = 0.0
     reduce_norm: bool = True
     reduce_act: bool = True
+    width_rounding: str = "exact"
+    output_layer: bool = False
 
     def __post_init__(self):
         for name in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups", "align"):
@@ -87,7 +96,10 @@ class HGTConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, got {self.act!r}")
-        for name in ("shuffle", "reduce_norm", "reduce_act"):
+        if self.width_rounding not in WIDTH_ROUNDINGS:
+            raise ValueError(f"width_rounding must be one of {WIDTH_ROUNDINGS}, "
+                             f"got {self.width_rounding!r}")
+        for name in ("shuffle", "reduce_norm", "reduce_act", "output_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -115,11 +127,13 @@ class HGTConfig:
             return (g_max,) * n
         if self.group_rule == "halve":
             return tuple(max(g_max >> layer, 1) for layer in range(n))
+        # cycle: 1, 2, 4, .., g_max, 1, 2, .. over the N + 1 layers, reversed; the last entry
+        # (always 1) is the reduce layer's, so the expand layers get the first N.
         sequence, g = [], 1
-        for _ in range(n):
+        for _ in range(n + 1):
             sequence.append(g)
             g = g * 2 if g * 2 <= g_max else 1
-        return tuple(reversed(sequence))
+        return tuple(reversed(sequence))[:n]
 
     # ----------------------------------------------------------------------------- layers
     def _input_kind(self) -> str:
@@ -132,8 +146,7 @@ class HGTConfig:
         layers, prev_width = [], None
         for index in range(n):
             multiple = math.lcm(groups[index], groups[index + 1], self.align)
-            target = Fraction(p) + Fraction(k - p) * (index + 1) / n
-            width = math.ceil(target / multiple) * multiple
+            width = -(-self._target_width(index + 1) // multiple) * multiple
             if index == 0:
                 layers.append(LayerSpec(p, width, groups[0], INPUT_X))
             else:
@@ -142,18 +155,40 @@ class HGTConfig:
             prev_width = width
         reduce_in = prev_width if kind == INPUT_PREV else p + prev_width
         layers.append(LayerSpec(reduce_in, self.out_dim, 1, kind))
+        if self.output_layer:
+            layers.append(LayerSpec(p + self.out_dim, self.out_dim, 1, INPUT_CONCAT))
         return tuple(layers)
+
+    def _target_width(self, layer: int):
+        """Width target of expand layer `layer` (1-based) before rounding up: an exact Fraction,
+        or, with width_rounding="truncate", the integer part of the authors' float64 value
+        (numpy.linspace(p, k, N + 1)[layer]: start + layer * step, the endpoint exactly k)."""
+        p, k, n = self.in_dim, self.expand_dim, self.depth
+        if self.width_rounding == "exact":
+            return Fraction(p) + Fraction(k - p) * layer / n
+        return k if layer == n else int(p + layer * ((k - p) / n))
 
     @property
     def layers(self) -> tuple:
-        """Every layer's (in_features, out_features, groups, input_kind); the last one reduces."""
+        """Every layer's (in_features, out_features, groups, input_kind): the N expand layers,
+        the reduce layer (index `reduce_index`), then the output layer when output_layer is on."""
         return self._layers
 
+    @property
+    def reduce_index(self) -> int:
+        """Index of the reduce layer in `layers` (the output layer, if any, follows it)."""
+        return self.depth
+
+    def layer_name(self, index: int) -> str:
+        if index < self.depth:
+            return f"expand{index + 1}"
+        return "reduce" if index == self.depth else "output"
+
     def layer_has_norm(self, index: int) -> bool:
-        return self.norm is not None and (index < self.depth or self.reduce_norm)
+        return self.norm is not None and (index != self.depth or self.reduce_norm)
 
     def layer_act(self, index: int) -> Optional[str]:
-        return self.act if index < self.depth or self.reduce_act else None
+        return self.act if index != self.depth or self.reduce_act else None
 
     def param_shapes(self) -> tuple:
         """Shapes of the flat parameter list every op takes, in order.
@@ -197,7 +232,7 @@ class HGTConfig:
         """The per-layer table shown by the modules' extra_repr."""
         rows = []
         for index, layer in enumerate(self.layers):
-            name = "reduce" if index == self.depth else f"expand{index + 1}"
+            name = self.layer_name(index)
             extras = [layer.input_kind]
             if self.layer_has_norm(index):
                 extras.append(self.norm)

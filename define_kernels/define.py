@@ -48,6 +48,12 @@ class DeFINE(nn.Module):
             nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
             then runs outside the fused op.
         backend: 'auto' (process default, see set_backend) or a registry name.
+        in_proj_dropout: dropout after the in-proj's activation (training only).
+        init: "spec" or "xavier_3d" (the authors' init: Xavier over each whole 3-D GLT weight,
+            Xavier weight and zero bias for the in-proj); see hgt.INITS.
+        zero_padding_output: False keeps the stack's output at padding_idx (the authors' code).
+        DeFINE.delight(...) builds the authors' layout, DeFINE.from_delight(state_dict) imports
+            one of their checkpoints (define_kernels/delight.py).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, map_dim: int = 128,
@@ -56,6 +62,7 @@ class DeFINE(nn.Module):
                  scale_map: bool = True, map_dropout: float = 0.0, dedup: bool = True,
                  sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
+                 in_proj_dropout: float = 0.0, init: str = "spec", zero_padding_output: bool = True,
                  **hgt_options):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim),
@@ -68,6 +75,10 @@ class DeFINE(nn.Module):
             padding_idx %= num_embeddings
         if not 0.0 <= map_dropout < 1.0:
             raise ValueError(f"map_dropout must be in [0, 1), got {map_dropout!r}")
+        if not 0.0 <= in_proj_dropout < 1.0:
+            raise ValueError(f"in_proj_dropout must be in [0, 1), got {in_proj_dropout!r}")
+        self.in_proj_dropout, self.init = in_proj_dropout, init
+        self.zero_padding_output = bool(zero_padding_output)
         self.num_embeddings, self.embedding_dim, self.map_dim = num_embeddings, embedding_dim, map_dim
         self.padding_idx, self.dedup, self.map_dropout = padding_idx, dedup, map_dropout
         self.sparse = sparse
@@ -80,7 +91,7 @@ class DeFINE(nn.Module):
             self.in_proj_norm = nn.LayerNorm(in_proj_dim, eps=LN_EPS) if self.config.norm else None
         else:
             self.in_proj = self.in_proj_norm = None
-        self.hgt = HGT(self.config, backend)
+        self.hgt = HGT(self.config, backend, init)
         self.use_cache = cache
         self.cache = InferenceCache(cache_chunk_size)
         self.reset_parameters()
@@ -96,6 +107,9 @@ class DeFINE(nn.Module):
                 self.map_weight[self.padding_idx].zero_()
         for layer in self.hgt.layers:
             layer.reset_parameters()
+        if self.in_proj is not None and self.init == "xavier_3d":
+            nn.init.xavier_uniform_(self.in_proj.weight)
+            nn.init.zeros_(self.in_proj.bias)
         self.cache.clear()
 
     # ------------------------------------------------------------------------------ forward
@@ -134,10 +148,24 @@ class DeFINE(nn.Module):
                 if self.in_proj_norm is not None:
                     x = self.in_proj_norm(x)
                 x = activation(x, self.config.act)
+                x = F.dropout(x, self.in_proj_dropout, self.training)
             y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend)
-        if self.padding_idx is not None:
+        if self.padding_idx is not None and self.zero_padding_output:
             y = y * (ids != self.padding_idx).unsqueeze(1).to(y.dtype)
         return y
+
+    # ------------------------------------------------------------------------------ authors' layout
+    @classmethod
+    def delight(cls, num_embeddings: int, embedding_dim: int, **options) -> "DeFINE":
+        """The authors' DeFINE layout (define_kernels/delight.py, `delight_define`)."""
+        from .delight import delight_define  # lazy: delight.py imports this module
+        return delight_define(num_embeddings, embedding_dim, **options)
+
+    @classmethod
+    def from_delight(cls, state_dict: dict, prefix: str = "", **options) -> "DeFINE":
+        """A DeFINE holding one of the authors' DExTraEmb state dicts (`delight.from_delight`)."""
+        from .delight import from_delight
+        return from_delight(state_dict, prefix, **options)
 
     # ------------------------------------------------------------------------------ counting
     def parameter_counts(self) -> dict:

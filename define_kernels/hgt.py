@@ -12,14 +12,26 @@ from .backends import check_backend_name
 from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
 
+# "spec": Xavier per group (docs/math.md); "xavier_3d": the authors' torch xavier_uniform_ over
+# the whole [g, a/g, w/g] weight of a g > 1 layer (fan_in (a/g)(w/g), fan_out w); g = 1 layers
+# are the same under both (their [w, a] Linear weight).
+INITS = ("spec", "xavier_3d")
+
+
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
+
 
 class HGTLayer(nn.Module):
     """Parameters of one grouped layer: weight [g, a/g, w/g], bias [g, w/g], norm [w/g]."""
 
-    def __init__(self, spec: LayerSpec, has_norm: bool):
+    def __init__(self, spec: LayerSpec, has_norm: bool, init: str = "spec"):
         super().__init__()
         g = spec.groups
         self.spec = spec
+        self.init = check_init(init)
         self.weight = nn.Parameter(torch.empty(g, spec.in_features // g, spec.out_features // g))
         self.bias = nn.Parameter(torch.empty(g, spec.out_features // g))
         if has_norm:
@@ -31,10 +43,14 @@ class HGTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SPEC §2 init: Xavier-uniform per group (fan_in a/g, fan_out w/g), zero bias, LN (1, 0)."""
-        fan_in, fan_out = self.weight.shape[1:]
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        nn.init.uniform_(self.weight, -bound, bound)
+        """Xavier-uniform weights (per group, or over the 3-D weight with init="xavier_3d"),
+        zero bias, LN (1, 0)."""
+        if self.init == "xavier_3d" and self.spec.groups > 1:
+            nn.init.xavier_uniform_(self.weight)
+        else:
+            fan_in, fan_out = self.weight.shape[1:]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(self.weight, -bound, bound)
         nn.init.zeros_(self.bias)
         if self.norm_weight is not None:
             nn.init.ones_(self.norm_weight)
@@ -53,17 +69,19 @@ class HGT(nn.Module):
         layers.{l}.bias         [g, w/g]
         layers.{l}.norm_weight  [w/g]  (norm="layernorm" and, for reduce, reduce_norm)
         layers.{l}.norm_bias    [w/g]
-    with (a, w, g) = config.layers[l] (in_features, out_features, groups).
+    with (a, w, g) = config.layers[l] (in_features, out_features, groups). `init` is "spec"
+    or "xavier_3d" (the authors' init, see INITS).
     """
 
-    def __init__(self, config: HGTConfig, backend: str = "auto"):
+    def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec"):
         super().__init__()
         if not isinstance(config, HGTConfig):
             raise ValueError(f"config must be an HGTConfig, got {type(config).__name__}")
         self.config = config
         self.backend = check_backend_name(backend)
         self.layers = nn.ModuleList(
-            HGTLayer(spec, config.layer_has_norm(index)) for index, spec in enumerate(config.layers))
+            HGTLayer(spec, config.layer_has_norm(index), init) for index, spec in enumerate(config.layers))
+        self.register_load_state_dict_pre_hook(_check_cycle_layout)
 
     def op_params(self) -> List[torch.Tensor]:
         """The flat parameter list in the op's order (config.param_shapes())."""
@@ -80,3 +98,20 @@ class HGT(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, macs_per_token={self.config.macs_per_token}\n" + self.config.table()
+
+
+def _check_cycle_layout(module: HGT, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """A checkpoint saved before the group_rule="cycle" fix has other weight shapes: say why."""
+    if module.config.group_rule != "cycle":
+        return
+    for index, layer in enumerate(module.layers):
+        key = f"{prefix}layers.{index}.weight"
+        saved = state_dict.get(key)
+        if saved is not None and tuple(saved.shape) != tuple(layer.weight.shape):
+            raise ValueError(
+                f"{key}: the checkpoint has shape {list(saved.shape)}, this module "
+                f"{list(layer.weight.shape)}. group_rule='cycle' was corrected (README, Changelog): "
+                f"it now cycles over the N + 1 layers, so the expand groups are "
+                f"{module.config.expand_groups}; a checkpoint saved with the old rule does not load "
+                f"into the new layout")
