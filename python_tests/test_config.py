@@ -67,8 +67,8 @@ HAND_ABLATIONS = {
     ("hgt", "halve"): [(16, 32, 4, "x"), (32, 48, 2, "prev"), (48, 64, 1, "prev"), (64, 24, 1, "prev")],
     ("glt", "halve"): [(16, 32, 4, "x"), (32, 48, 4, "prev"), (48, 64, 4, "prev"), (64, 24, 1, "prev")],
     ("linear", "halve"): [(16, 32, 1, "x"), (32, 48, 1, "prev"), (48, 64, 1, "prev"), (64, 24, 1, "prev")],
-    # cycle with N=3, g_max=4: 1, 2, 4 reversed -> 4, 2, 1 (same as halve here)
-    ("define", "cycle"): [(16, 32, 4, "x"), (48, 48, 2, "mix"), (64, 64, 1, "mix"), (80, 24, 1, "mix")],
+    # cycle with N=3, g_max=4: 1, 2, 4, 1 over N + 1 = 4 layers, reversed -> 1, 4, 2 | 1
+    ("define", "cycle"): [(16, 32, 1, "x"), (48, 48, 4, "mix"), (64, 64, 2, "mix"), (80, 24, 1, "mix")],
 }
 
 
@@ -79,11 +79,57 @@ def test_ablation_tables(transform, rule):
 
 
 def test_cycle_rule_restarts_then_reverses():
-    # N=5, g_max=4: 1, 2, 4, 1, 2 reversed -> 2, 1, 4, 2, 1
+    # N=5, g_max=4: 1, 2, 4, 1, 2, 4 over the N + 1 layers, reversed -> 4, 2, 1, 4, 2 | 1
     config = HGTConfig(16, 96, 8, 5, 4, group_rule="cycle")
-    assert config.expand_groups == (2, 1, 4, 2, 1)
+    assert config.expand_groups == (4, 2, 1, 4, 2)
+    assert [layer.groups for layer in config.layers] == [4, 2, 1, 4, 2, 1]
     # halve with N=5, g_max=4: 4, 2, 1, 1, 1
     assert HGTConfig(16, 96, 8, 5, 4).expand_groups == (4, 2, 1, 1, 1)
+
+
+@pytest.mark.parametrize("depth, max_groups, expected", [
+    (3, 8, (8, 4, 2)), (4, 8, (1, 8, 4, 2)), (4, 4, (2, 1, 4, 2)), (1, 8, (2,)), (2, 2, (1, 2)),
+    (7, 2, (2, 1, 2, 1, 2, 1, 2))])
+def test_cycle_rule_corrected_examples(depth, max_groups, expected):
+    # The authors' cycle runs over N + 1 entries; the reduce layer takes the last (always 1).
+    assert HGTConfig(16, 64, 8, depth, max_groups, group_rule="cycle").expand_groups == expected
+
+
+# p=12, k=30, m=24, N=4, g_max=4, cycle groups 2, 1, 4, 2 | 1; targets 16.5, 21, 25.5, 30.
+TRUNCATE_TABLE = [(12, 16, 2, "x"), (28, 24, 1, "mix"), (36, 32, 4, "mix"), (44, 32, 2, "mix"),
+                  (44, 24, 1, "mix")]
+EXACT_TABLE = [(12, 24, 2, "x"), (36, 24, 1, "mix"), (36, 32, 4, "mix"), (44, 32, 2, "mix"),
+               (44, 24, 1, "mix")]
+
+
+def test_width_rounding_truncate_then_round_up():
+    # truncate: 16.5 -> 16 -> 16 (multiple of 8); exact: ceil(16.5 / 8) * 8 = 24.
+    truncate = HGTConfig(12, 30, 24, 4, 4, group_rule="cycle", width_rounding="truncate")
+    exact = HGTConfig(12, 30, 24, 4, 4, group_rule="cycle")
+    assert [tuple(layer) for layer in truncate.layers] == TRUNCATE_TABLE
+    assert [tuple(layer) for layer in exact.layers] == EXACT_TABLE
+    with pytest.raises(ValueError, match="width_rounding"):
+        HGTConfig(12, 30, 24, 4, 4, width_rounding="floor")
+
+
+def test_output_layer_is_one_more_concat_layer_with_norm_and_act():
+    config = HGTConfig(12, 30, 24, 4, 4, group_rule="cycle", width_rounding="truncate",
+                       output_layer=True, reduce_norm=False, reduce_act=False)
+    assert [tuple(layer) for layer in config.layers] == TRUNCATE_TABLE + [(36, 24, 1, "concat")]
+    assert config.reduce_index == 4
+    # the reduce layer keeps reduce_norm / reduce_act; the output layer is like an expand layer
+    assert [config.layer_has_norm(i) for i in range(6)] == [True] * 4 + [False, True]
+    assert [config.layer_act(i) for i in range(6)] == ["gelu"] * 4 + [None, "gelu"]
+    shapes = config.param_shapes()
+    assert shapes[-4:] == ((1, 36, 24), (1, 24), (24,), (24,)) and len(shapes) == 4 * 4 + 2 + 4
+    without = HGTConfig(12, 30, 24, 4, 4, group_rule="cycle", width_rounding="truncate")
+    assert config.macs_per_token == without.macs_per_token + 36 * 24
+    assert config.num_parameters == without.num_parameters + 36 * 24 + 3 * 24 - 2 * 24
+    assert "(5) output: 36 -> 24, groups=1, concat, layernorm, gelu" in config.table()
+    assert "(4) reduce: 44 -> 24, groups=1, mix" in config.table()
+    assert HGTConfig.from_key(config.key) == config
+    with pytest.raises(ValueError, match="output_layer"):
+        HGTConfig(12, 30, 24, 4, 4, output_layer=1)
 
 
 def test_odd_widths_round_up_to_group_and_align_multiples():
