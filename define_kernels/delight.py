@@ -91,10 +91,12 @@ def _layer_shape(state_dict: dict, prefix: str, index: int) -> tuple:
 
 
 def _infer_expand_dim(base: dict, widths: List[int], state_dict: dict, prefix: str) -> HGTConfig:
-    """The HGTConfig whose layers have these widths: k is the last expand width rounded down to
-    any value that truncates and rounds up to it (all give the same layers)."""
+    """The HGTConfig whose layers have these widths. k is not stored: the last expand width is k
+    rounded up to a multiple of max(g_N, 8), so try each k that rounds up to it (the first that
+    reproduces every width gives the same layers as any other would)."""
     last = widths[-1]
-    for expand_dim in range(last, max(last - 64, 0), -1):
+    span = max(base["max_groups"], base["align"])
+    for expand_dim in range(last, max(last - span, 0), -1):
         try:
             config = HGTConfig(expand_dim=expand_dim, **base)
         except ValueError:
@@ -229,7 +231,7 @@ def delight_layout_reasons(module: DeFINE) -> List[str]:
     """Why `module` cannot be written in the authors' layout (empty when it can)."""
     config, reasons = module.config, []
     for name, value in DELIGHT_HGT_OPTIONS.items():
-        if name != "align" and getattr(config, name) != value:
+        if getattr(config, name) != value:
             reasons.append(f"{name}={getattr(config, name)!r} (theirs: {value!r})")
     if module.in_proj is None:
         reasons.append("no in-proj (theirs always has one: in_proj_dim)")

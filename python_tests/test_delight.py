@@ -177,10 +177,20 @@ def test_import_matches_their_formulation_triton_fp32(name):
         assert_close(module.train()(ids), expected.float(), torch.float32, name=name)
 
 
-def _skip_unusable(backend, module, dtype):
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_import_matches_their_formulation_on_gpu_fp32(backend):
+    """The output layer through the GPU backends (skips, with the reason, without a device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for name in ("wrap4", "deep11"):
+        check_gradients(name, backend, torch.float32, "cuda")
+
+
+def _skip_unusable(backend, module, dtype, device="cpu"):
     config = module.config
-    usable_backend(backend, backends.OpInputs(torch.zeros(1, config.in_dim, dtype=dtype), None, [],
-                                              config, 1.0, None))
+    x = torch.zeros(1, config.in_dim, dtype=dtype, device=device)
+    usable_backend(backend, backends.OpInputs(x, None, [], config, 1.0, None))
 
 
 def _their_weight(weight):
@@ -191,30 +201,40 @@ def _their_weight(weight):
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("cpu_cpp", torch.float64),
                                             ("cpu_cpp", torch.float32), ("triton", torch.float32)])
 def test_output_layer_gradients_match_their_formulation(backend, dtype):
-    sd, module, act = _module("wrap4", backend, dtype=dtype)
-    _skip_unusable(backend, module, dtype)
-    ids = _ids_with_padding(CONFIGS["wrap4"][0], (2, 5))
+    check_gradients("wrap4", backend, dtype, "cpu")
+
+
+def check_gradients(name, backend, dtype, device):
+    """Output y and the gradients of the output, reduce, expand, in-proj and map parameters
+    against autograd through their formulation in float64."""
+    sd, module, act = _module(name, backend, dtype=dtype)
+    module = module.to(device)
+    _skip_unusable(backend, module, dtype, device)
+    ids = _ids_with_padding(CONFIGS[name][0], (2, 5))
     theirs = {key: value.double().requires_grad_(True) for key, value in sd.items()}
     grad_y = torch.randn(2, 5, module.embedding_dim, dtype=torch.float64)
-    (their_embedding(theirs, ids, act) * grad_y).sum().backward()
-    (module.train()(ids) * grad_y.to(dtype)).sum().backward()
-    ours = dict(module.named_parameters())
+    expected_y = their_embedding(theirs, ids, act)
+    (expected_y * grad_y).sum().backward()
+    y = module.train()(ids.to(device))
+    (y * grad_y.to(device, dtype)).sum().backward()
+    assert_close(y.detach().cpu(), expected_y.detach().to(dtype), dtype, name="y")
+    grads = {key: param.grad.cpu() for key, param in module.named_parameters()}
     out = module.config.reduce_index + 1
     pairs = {
-        "output_layer.weights": (ours[f"hgt.layers.{out}.weight"].grad[0].t(),
+        "output_layer.weights": (_their_weight(grads[f"hgt.layers.{out}.weight"]),
                                  theirs["dextra_layer.output_layer.weights"].grad),
-        "output_layer.bias": (ours[f"hgt.layers.{out}.bias"].grad[0],
+        "output_layer.bias": (grads[f"hgt.layers.{out}.bias"][0],
                               theirs["dextra_layer.output_layer.bias"].grad),
-        "output_layer.norm.weight": (ours[f"hgt.layers.{out}.norm_weight"].grad,
+        "output_layer.norm.weight": (grads[f"hgt.layers.{out}.norm_weight"],
                                      theirs["dextra_layer.output_layer.normalization_fn.weight"].grad),
-        "reduce.weights": (ours[f"hgt.layers.{out - 1}.weight"].grad[0].t(),
+        "reduce.weights": (_their_weight(grads[f"hgt.layers.{out - 1}.weight"]),
                            theirs[f"dextra_layer.dextra_layers.{out - 1}.weights"].grad),
-        "expand1.weights": (_their_weight(ours["hgt.layers.0.weight"].grad),
+        "expand1.weights": (_their_weight(grads["hgt.layers.0.weight"]),
                             theirs["dextra_layer.dextra_layers.0.weights"].grad),
-        "expand2.weights": (_their_weight(ours["hgt.layers.1.weight"].grad),
+        "expand2.weights": (_their_weight(grads["hgt.layers.1.weight"]),
                             theirs["dextra_layer.dextra_layers.1.weights"].grad),
-        "in_proj.weight": (ours["in_proj.weight"].grad, theirs["dextra_layer.input_layer.weights"].grad),
-        "map_weight": (ours["map_weight"].grad, theirs["map_layer.weight"].grad),
+        "in_proj.weight": (grads["in_proj.weight"], theirs["dextra_layer.input_layer.weights"].grad),
+        "map_weight": (grads["map_weight"], theirs["map_layer.weight"].grad),
     }
     for name, (grad, expected) in pairs.items():
         norm = expected.abs().max().clamp_min(1.0)  # gradients sum over tokens: compare to scale
@@ -363,3 +383,25 @@ def test_old_cycle_checkpoint_raises_naming_parameter_and_rule_change():
                group_rule="cycle").load_state_dict(old_define)
     same = HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="cycle"))
     HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="cycle")).load_state_dict(same.state_dict())
+
+
+@pytest.mark.parametrize("backend, dtype", [("cpu_cpp", torch.float64), ("triton", torch.float32)])
+def test_dropout_on_every_layer_matches_the_reference_backend(backend, dtype):
+    """Hashed masks on the expand, reduce and output layers, and the in-proj dropout, agree
+    between backends for one seed (so the output layer's mask index is the same everywhere)."""
+    vocab, n, m, k, depth, max_groups, norm, act = CONFIGS["wrap4"]
+    sd = random_their_state_dict(vocab, n, m, k, depth, max_groups, norm, dtype=dtype)
+    ids = _ids_with_padding(vocab, (3, 4))
+    outputs = []
+    for name in ("torch", backend):
+        module = from_delight(sd, act=act, dropout=0.3, backend=name).train()
+        _skip_unusable(name, module, dtype)
+        torch.manual_seed(7)
+        y = module(ids)
+        y.sum().backward()
+        outputs.append((y.detach(), module.hgt.layers[-1].weight.grad))
+    (y_ref, grad_ref), (y, grad) = outputs
+    assert (y_ref == 0).any()  # dropout is on
+    assert_close(y, y_ref, dtype, name="y")
+    assert_close(grad / grad_ref.abs().max(), grad_ref / grad_ref.abs().max(), dtype,
+                 name="output layer weight grad")
