@@ -10,7 +10,6 @@ depth D counts the expand layers and the reduce layer: our depth N = D - 1.
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Optional
 
 import torch
@@ -23,7 +22,6 @@ IN_PROJ = "dextra_layer.input_layer."
 LAYER = "dextra_layer.dextra_layers.{}."
 OUTPUT = "dextra_layer.output_layer."
 NORM = "normalization_fn."
-_LAYER_KEY = re.compile(r"dextra_layer\.dextra_layers\.(\d+)\.")
 
 # What their layout fixes; DeFINE.delight() sets these, from_delight() checks nothing else.
 DELIGHT_HGT_OPTIONS = dict(group_rule="cycle", width_rounding="truncate", output_layer=True,
@@ -90,7 +88,7 @@ def _layer_shape(state_dict: dict, prefix: str, index: int) -> tuple:
     return groups, groups * weights.shape[1], groups * weights.shape[2]
 
 
-def _infer_expand_dim(base: dict, widths: List[int], state_dict: dict, prefix: str) -> HGTConfig:
+def _infer_expand_dim(base: dict, widths: List[int], prefix: str) -> HGTConfig:
     """The HGTConfig whose layers have these widths. k is not stored: the last expand width is k
     rounded up to a multiple of max(g_N, 8), so try each k that rounds up to it (the first that
     reproduces every width gives the same layers as any other would)."""
@@ -168,12 +166,14 @@ def from_delight(state_dict: Dict[str, torch.Tensor], prefix: str = "", *,
     if p % max_groups:
         raise ValueError(f"{prefix + IN_PROJ}weights: p = {p} is not divisible by the largest "
                          f"group count {max_groups}")
-    config = _infer_expand_dim(base, [w for _, _, w in shapes[:-1]], state_dict, prefix)
-    for index, (layer, (groups, _, _)) in enumerate(zip(config.layers, shapes)):
-        if layer.groups != groups:
+    # groups depend on depth and max_groups only: check them before searching k
+    cycle = [spec.groups for spec in HGTConfig(expand_dim=shapes[-2][2], **base).layers[:count]]
+    for index, ((groups, _, _), expected) in enumerate(zip(shapes, cycle)):
+        if groups != expected:
             raise ValueError(f"{prefix + LAYER.format(index)}weights has {groups} groups; the "
                              f"authors' group cycle for depth {count} and max groups {max_groups} "
-                             f"gives {[spec.groups for spec in config.layers[:count]]}")
+                             f"gives {cycle}")
+    config = _infer_expand_dim(base, [w for _, _, w in shapes[:-1]], prefix)
     ours = _convert_to_ours(state_dict, prefix, config, map_dim, has_norm)
     if strict:
         _check_unexpected(state_dict, prefix, set(_their_keys(config, has_norm, prefix)))

@@ -359,7 +359,16 @@ def test_groups_not_power_of_two_or_off_cycle_are_named():
     sd = _good()
     g = sd[key].shape[0]
     sd[key] = sd[key].reshape(g // 2, sd[key].shape[1] * 2, -1)  # wrong group count for the cycle
-    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights"):
+    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights has 2 groups.*cycle"):
+        from_delight(sd, PREFIX)
+
+
+def test_widths_off_the_authors_rule_are_named():
+    sd = _good()
+    key = PREFIX + "dextra_layer.dextra_layers.0.weights"
+    g, a_g, w_g = sd[key].shape
+    sd[key] = torch.zeros(g, a_g, w_g + 2, dtype=torch.float64)  # 8 wider than their rule gives
+    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights: out_features .* width rule"):
         from_delight(sd, PREFIX)
 
 
