@@ -1,124 +1,23 @@
-"""The authors' DeFINE layout (define_kernels/delight.py) against an independent formulation.
-
-`their_embedding` below is written from the authors' layout as docs/math.md describes it (their
-DExTraEmb + DExTraUnit, `--define-iclr`): plain torch over their state-dict keys, a Python loop
-over groups, LayerNorm and GELU spelled out; nothing from define_kernels.reference is used. Their
-depth D counts the expand layers and the reduce layer (our depth N = D - 1).
+"""The authors' DeFINE layout (define_kernels/delight.py) against `delight_reference.py`, an
+independent formulation of their code over their state-dict keys (not our reference): float64 on
+the CPU backends, fp32 under the Triton interpreter (and on GPU backends when a device exists);
+the preset; the bit-exact round trip. Bad state dicts: test_delight_errors.py.
 """
 import math
 
 import pytest
 import torch
 
-from define_kernels import DeFINE, HGT, HGTConfig, backends
+from define_kernels import DeFINE, HGTConfig, backends
 from define_kernels.delight import from_delight, to_delight
 
 from conftest import usable_backend
+from delight_reference import random_their_state_dict, their_embedding, their_layer_table
 from tolerances import assert_close
 
 PREFIX = "decoder.embed_tokens."
 
 
-# ----------------------------------------------------------------------------- their layout
-def their_layer_table(p, k, m, depth, max_groups):
-    """(in, out, groups) per dextra layer, as their define_config computes them."""
-    groups, counter = [], 0
-    for _ in range(depth):
-        g = 2 ** counter
-        if g <= max_groups:
-            counter += 1
-        else:
-            g, counter = 1, 1
-        groups.append(g)
-    groups = groups[::-1]
-    step = (k - p) / (depth - 1)  # numpy.linspace(p, k, depth): i * step + start, endpoint k
-    sizes = [int(i * step + p) for i in range(depth - 1)] + [int(k)]
-    ins, outs = [p], []
-    for i in range(depth - 1):
-        multiple = max(groups[i + 1], groups[i], 8)
-        outs.append(int(math.ceil(sizes[i + 1] / multiple)) * multiple)
-        ins.append(outs[-1] + p)
-    return list(zip(ins, outs + [m], groups))
-
-
-def random_their_state_dict(vocab, n, m, k, depth, max_groups, norm=True, prefix="",
-                            dtype=torch.float64, padding_idx=None):
-    """Random tensors in their keys and layouts (biases and LN affines non-trivial)."""
-    p = m // 2
-
-    def layer(base, g, a, w):
-        sd = {}
-        if g == 1:
-            sd[base + "weights"] = torch.randn(w, a, dtype=dtype) / math.sqrt(a)
-            sd[base + "bias"] = torch.randn(w, dtype=dtype) * 0.3
-        else:
-            sd[base + "weights"] = torch.randn(g, a // g, w // g, dtype=dtype) / math.sqrt(a / g)
-            sd[base + "bias"] = torch.randn(g, 1, w // g, dtype=dtype) * 0.3
-        if norm:
-            sd[base + "normalization_fn.weight"] = 1 + 0.3 * torch.randn(w // g, dtype=dtype)
-            sd[base + "normalization_fn.bias"] = 0.3 * torch.randn(w // g, dtype=dtype)
-        return sd
-
-    sd = {"map_layer.weight": torch.randn(vocab, n, dtype=dtype) * n ** -0.5}
-    if padding_idx is not None:
-        sd["map_layer.weight"][padding_idx] = 0
-    sd.update(layer("dextra_layer.input_layer.", 1, n, p))
-    for index, (a, w, g) in enumerate(their_layer_table(p, k, m, depth, max_groups)):
-        sd.update(layer(f"dextra_layer.dextra_layers.{index}.", g, a, w))
-    sd.update(layer("dextra_layer.output_layer.", 1, p + m, m))
-    return {prefix + key: value for key, value in sd.items()}
-
-
-def _layer_norm(z, weight, bias):
-    mean = z.mean(-1, keepdim=True)
-    var = ((z - mean) ** 2).mean(-1, keepdim=True)
-    return (z - mean) / torch.sqrt(var + 1e-5) * weight + bias
-
-
-def _act(z, act):
-    if act == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2.0)))
-    return torch.clamp_min(z, 0) if act == "relu" else z
-
-
-def _their_layer(sd, base, u, act):
-    weights, bias = sd[base + "weights"], sd[base + "bias"]
-    if weights.dim() == 2:
-        z = u @ weights.t() + bias
-        shape = None
-    else:
-        g = weights.shape[0]
-        chunks = u.reshape(*u.shape[:-1], g, -1)
-        z = torch.stack([chunks[..., j, :] @ weights[j] + bias[j, 0] for j in range(g)], dim=-2)
-        shape = z.shape[:-2] + (z.shape[-2] * z.shape[-1],)
-    if base + "normalization_fn.weight" in sd:
-        z = _layer_norm(z, sd[base + "normalization_fn.weight"], sd[base + "normalization_fn.bias"])
-    z = _act(z, act)
-    return z if shape is None else z.reshape(shape)
-
-
-def their_embedding(sd, ids, act="gelu", scale_map=True, prefix=""):
-    """Their DExTraEmb forward (eval mode) for ids of any shape."""
-    sd = {key[len(prefix):]: value for key, value in sd.items() if key.startswith(prefix)}
-    table = sd["map_layer.weight"]
-    x = table[ids] * (math.sqrt(table.shape[1]) if scale_map else 1.0)
-    x = _their_layer(sd, "dextra_layer.input_layer.", x, act)
-    depth = sum(1 for key in sd if key.startswith("dextra_layer.dextra_layers.") and key.endswith(".weights"))
-    out = x
-    for i in range(depth):
-        out = _their_layer(sd, f"dextra_layer.dextra_layers.{i}.", out, act)
-        following = sd.get(f"dextra_layer.dextra_layers.{i + 1}.weights")
-        g_next = following.shape[0] if following is not None and following.dim() == 3 else 1
-        if g_next == 1:
-            out = torch.cat([x, out], dim=-1)
-        else:  # split and mix: per group j, chunk j of x then chunk j of out
-            x_g = x.reshape(*x.shape[:-1], g_next, -1)
-            out_g = out.reshape(*out.shape[:-1], g_next, -1)
-            out = torch.cat([x_g, out_g], dim=-1).reshape(*out.shape[:-1], -1)
-    return _their_layer(sd, "dextra_layer.output_layer.", out, act)
-
-
-# (vocab, n, m, k, D, max_groups, norm, act): wrapping cycles (D > log2(g_max) + 1), widths not
 # multiples of 8, D = 11 (N >= 9, where truncation changes widths), no norm, relu.
 CONFIGS = {
     "wrap4": (37, 16, 24, 40, 4, 4, True, "gelu"),
@@ -316,82 +215,6 @@ def test_export_refuses_other_layouts():
         to_delight(DeFINE(20, 16, map_dim=8, depth=2, max_groups=2, group_rule="cycle",
                           width_rounding="truncate", output_layer=True))
 
-
-# ----------------------------------------------------------------------------- bad state dicts
-def _good():
-    return random_their_state_dict(23, 12, 16, 30, 6, 4, True, PREFIX)
-
-
-def test_missing_key_is_named():
-    for key in ("dextra_layer.output_layer.bias", "map_layer.weight",
-                "dextra_layer.dextra_layers.2.normalization_fn.weight",
-                "dextra_layer.input_layer.weights"):
-        sd = _good()
-        del sd[PREFIX + key]
-        with pytest.raises(KeyError, match=PREFIX + key):
-            from_delight(sd, PREFIX)
-    with pytest.raises(KeyError, match="map_layer.weight"):
-        from_delight(_good(), prefix="encoder.embed_tokens.")
-
-
-def test_inconsistent_shapes_are_named():
-    cases = {
-        "dextra_layer.input_layer.bias": torch.zeros(5),
-        "dextra_layer.output_layer.weights": torch.zeros(16, 20),
-        "dextra_layer.dextra_layers.1.bias": torch.zeros(3),
-        "dextra_layer.dextra_layers.3.normalization_fn.bias": torch.zeros(7),
-        "dextra_layer.input_layer.weights": torch.zeros(8, 11),
-    }
-    for key, bad in cases.items():
-        sd = _good()
-        sd[PREFIX + key] = bad.double()
-        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-            from_delight(sd, PREFIX)
-
-
-def test_groups_not_power_of_two_or_off_cycle_are_named():
-    sd = _good()
-    key = PREFIX + "dextra_layer.dextra_layers.0.weights"
-    a, w = sd[key].shape[0] * sd[key].shape[1], sd[key].shape[0] * sd[key].shape[2]
-    sd[key] = torch.zeros(3, a // 3 if a % 3 == 0 else 1, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights.*power of two"):
-        from_delight(sd, PREFIX)
-    sd = _good()
-    g = sd[key].shape[0]
-    sd[key] = sd[key].reshape(g // 2, sd[key].shape[1] * 2, -1)  # wrong group count for the cycle
-    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights has 2 groups.*cycle"):
-        from_delight(sd, PREFIX)
-
-
-def test_widths_off_the_authors_rule_are_named():
-    sd = _good()
-    key = PREFIX + "dextra_layer.dextra_layers.0.weights"
-    g, a_g, w_g = sd[key].shape
-    sd[key] = torch.zeros(g, a_g, w_g + 2, dtype=torch.float64)  # 8 wider than their rule gives
-    with pytest.raises(ValueError, match=r"dextra_layers\.0\.weights: out_features .* width rule"):
-        from_delight(sd, PREFIX)
-
-
-def test_unexpected_key_under_prefix_is_named():
-    sd = _good()
-    sd[PREFIX + "dextra_layer.input_layer.normalization_fn.running_mean"] = torch.zeros(8)
-    with pytest.raises(ValueError, match="running_mean"):
-        from_delight(sd, PREFIX)
-    assert from_delight(sd, PREFIX, strict=False).embedding_dim == 16
-
-
-# ----------------------------------------------------------------------------- cycle rule change
-def test_old_cycle_checkpoint_raises_naming_parameter_and_rule_change():
-    # N=4, g_max=8: the old cycle gave 8, 4, 2, 1 (what "halve" gives here), the corrected 1, 8, 4, 2.
-    old = HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="halve")).state_dict()
-    with pytest.raises(ValueError, match=r"layers\.0\.weight.*group_rule='cycle' was corrected"):
-        HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="cycle")).load_state_dict(old)
-    old_define = DeFINE(30, 24, map_dim=16, expand_dim=64, depth=4, max_groups=8).state_dict()
-    with pytest.raises(ValueError, match=r"hgt\.layers\.0\.weight"):
-        DeFINE(30, 24, map_dim=16, expand_dim=64, depth=4, max_groups=8,
-               group_rule="cycle").load_state_dict(old_define)
-    same = HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="cycle"))
-    HGT(HGTConfig(16, 64, 24, 4, 8, group_rule="cycle")).load_state_dict(same.state_dict())
 
 
 @pytest.mark.parametrize("backend, dtype", [("cpu_cpp", torch.float64), ("triton", torch.float32)])
