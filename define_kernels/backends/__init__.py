@@ -19,6 +19,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..config import HGTConfig
+from . import first_use_check
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +135,13 @@ def select(requested: str, inputs: OpInputs) -> Backend:
         name = get_backend()
     if name != AUTO:
         backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
     skipped = []
     for backend in backends_by_priority():
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
         if not reasons:
             if skipped:
                 logger.debug("auto backend %s; skipped %s", backend.name, skipped)
