@@ -109,12 +109,14 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 def forward_configs():
     """Autotune candidates for the fused forward on a GPU (tiles >= 16 for tl.dot).
 
-    Offline sm_90 compiles of the wt2-small stack (bf16): these use <= 255 registers without
-    spilling; 128-row tiles, and 64 x 128 output tiles, spilled (1-1.4 KB of stack), so they
-    are left out. Few candidates on purpose: every one compiles the whole unrolled stack.
+    Offline sm_90a compiles (bf16, SPEC §6 stacks): these use <= 255 registers without spilling
+    and their dots lower to wgmma (BLOCK_T >= 64 and num_warps a multiple of 4, one warpgroup
+    per 64 rows); the former BLOCK_T=32 candidates fell back to mma.sync, and 128-row tiles or
+    64 x 128 output tiles spilled (1-1.4 KB of stack), so they are left out. Few candidates on
+    purpose: every one compiles the whole unrolled stack.
     """
     import triton
-    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (32, 64, 64, 4, 3)]
+    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)]
     return [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for t, n, k, w, s in shapes]
 
@@ -126,9 +128,12 @@ DETERMINISTIC_TILES = {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps":
 def backward_tiles(dtype: torch.dtype) -> dict:
     """Fixed tiles of the backward kernels (no autotune: one of them accumulates into its output)."""
     if _interpreting():
-        return dict(INTERPRETER_TILES, num_warps=4)
+        return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16)
     size = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4}
+    # The elementwise LN/act/dropout backward keeps ~6 [BLOCK_T, BLOCK_N] fp32 values live: with
+    # 4 warps (32 per thread each) sm_90 compiles hit 255 registers and spill; 8 warps halve that.
+    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4, "epilogue_warps": 8,
+            "epilogue_block_n": 32}
 
 
 def weight_grad_splits(programs: int, rows: int, block_t: int, device) -> int:
@@ -256,12 +261,34 @@ class _PackedParams:
 _packed = _PackedParams()
 
 
-def _dropout_args(config: HGTConfig, seed: Optional[int], device):
+def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:
+    """dropout_bases from a 0-d int64 seed tensor, in torch ops (traceable: no int(seed))."""
+    from ..reference import _fmix32
+    layers = _fmix32(torch.arange(num_layers, dtype=torch.int64, device=device))
+    return _fmix32((seed.to(device=device, dtype=torch.int64) & _MASK32) ^ layers)
+
+
+def _dropout_args(config: HGTConfig, seed, device):
+    """seed: None, a Python int (registry path) or a 0-d tensor (the triton_op path)."""
     from ..reference import dropout_threshold
     if seed is None or config.dropout == 0:
         return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
-    bases = dropout_bases(seed, len(config.layers), device)
+    if isinstance(seed, torch.Tensor):
+        bases = dropout_bases_tensor(seed, len(config.layers), device)
+    else:
+        bases = dropout_bases(seed, len(config.layers), device)
     return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
+
+
+def _no_wrap(kernel):
+    return kernel
+
+
+def _pack(params, wrap) -> torch.Tensor:
+    """The flat parameter buffer: cached on the registry path; a plain cat when traced."""
+    if wrap is _no_wrap:
+        return _packed.get(params)
+    return torch.cat([p.reshape(-1) for p in params])
 
 
 def _on_device(device):
@@ -269,8 +296,11 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def run_forward(x, ids, params, config: HGTConfig, scale: float, seed: Optional[int], save: bool):
-    """Launch the fused forward; returns (y, z_scratch, h_scratch, layout)."""
+def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: bool, wrap=_no_wrap):
+    """Launch the fused forward; returns (y, z_scratch, h_scratch, layout).
+
+    wrap: applied to every kernel before launch (torch.library.wrap_triton in triton_library.py).
+    """
     import triton
     layout = stack_layout(config, save)
     x = x.contiguous()
@@ -282,13 +312,13 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed: Optional[
     if rows == 0:
         return y, z, h, layout
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
-    flat = _packed.get(params)
+    flat = _pack(params, wrap)
     ids_arg = ids.contiguous() if ids is not None else x  # unused when HAS_IDS is False
     tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
     kernel, tiles = _forward_launch()
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)  # noqa: E731
     with _on_device(device):
-        kernel[grid](
+        wrap(kernel)[grid](
             x, ids_arg, flat, z, h, y, bases,
             rows, x.stride(0), z.stride(0), h.stride(0), float(scale), threshold, drop_scale,
             HAS_IDS=ids is not None, DROPOUT=dropout,
@@ -307,17 +337,17 @@ def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
         return _run_backward(grad_y, x, ids, params, config, scale, seed)
 
 
-def _run_backward(grad_y, x, ids, params, config, scale, seed):
+def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
     import triton
     from .triton_kernels.backward import epilogue_backward_kernel, input_grad_kernel, weight_grad_kernel
     params = [p.detach() for p in params]
     dtype, device = x.dtype, x.device
-    _, z, h, layout = run_forward(x, ids, params, config, scale, seed, save=True)
+    _, z, h, layout = run_forward(x, ids, params, config, scale, seed, save=True, wrap=wrap)
     x = x.contiguous()
     rows = x.shape[0] if ids is None else ids.shape[0]
     if rows == 0:
         return x.new_zeros(0, config.in_dim), [torch.zeros_like(p) for p in params]
-    flat = _packed.get(params)
+    flat = _pack(params, wrap)
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
     ids_arg = ids.contiguous() if ids is not None else x
     tiles = backward_tiles(dtype)
@@ -340,13 +370,13 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed):
         dgamma = torch.empty(partial_shape, device=device, dtype=torch.float32)
         dbeta = torch.empty(partial_shape, device=device, dtype=torch.float32)
         z_layer = z[:, layout["Z_OFF"][index]:]
-        epilogue_backward_kernel[(row_tiles,)](
+        wrap(epilogue_backward_kernel)[(row_tiles,)](
             dh, z_layer, flat, dz, dgamma, dbeta, ids_arg, bases,
             rows, dh.stride(0), z.stride(0), dz.stride(0), threshold, drop_scale,
             LAYER=index, G=groups, C=c, HAS_NORM=has_norm, ACT=layout["ACTS"][index],
             NW_OFF=layout["NW_OFF"][index], NB_OFF=layout["NB_OFF"][index],
             HAS_IDS=ids is not None, SHUFFLE=config.shuffle, DROPOUT=dropout,
-            BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps)
+            BLOCK_T=block_t, BLOCK_N=tiles["epilogue_block_n"], num_warps=tiles["epilogue_warps"])
         shape = dict(P=config.in_dim, A=fan_in, W=width, G=groups,
                      KIND=layout["KINDS"][index], WP=layout["PREV_W"][index],
                      DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -356,13 +386,13 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed):
         tokens_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
         splits = triton.cdiv(rows, tokens_per_split)
         partial_weight = torch.empty(splits, groups, a_g, c, device=device, dtype=torch.float32)
-        weight_grad_kernel[(weight_tiles, splits, groups)](
+        wrap(weight_grad_kernel)[(weight_tiles, splits, groups)](
             x, ids_arg, h_in, dz, partial_weight, rows, tokens_per_split, x.stride(0),
             h.stride(0), dz.stride(0), float(scale), HAS_IDS=ids is not None, num_warps=warps,
             **shape)
         grad_weight = partial_weight.sum(0).to(dtype)
         dh_below = dh_buffers[index % 2]
-        input_grad_kernel[(row_tiles, triton.cdiv(a_g, block_k), groups)](
+        wrap(input_grad_kernel)[(row_tiles, triton.cdiv(a_g, block_k), groups)](
             dz, flat, dx, dh_below, rows, dz.stride(0), dx.stride(0), dh_below.stride(0),
             W_OFF=layout["W_OFF"][index], num_warps=warps, **shape)
         grads = [grad_weight, dz[:, :width].reshape(rows, groups, c).sum(0).to(dtype)]
