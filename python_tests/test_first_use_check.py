@@ -138,13 +138,15 @@ def test_unguarded_backends_are_not_checked(monkeypatch):
     assert first_use_check.reasons(fake, backends.OpInputs(*_inputs()[:2], [], CONFIG, 1.0, None)) == []
 
 
-def test_real_triton_kernels_pass_the_check():
-    """The interpreter's kernels (or the GPU's) pass their own first-use check, fp32 and fp16."""
+@pytest.mark.parametrize("name", sorted(first_use_check.GUARDED))
+def test_real_kernels_pass_the_check(name):
+    """The real kernels pass their own first-use check (triton: the interpreter on CPU)."""
     x, ids, params = _inputs()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for dtype in (torch.float32, torch.float16):
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device == "cuda" else ())
+    for dtype in dtypes:
         inputs = backends.OpInputs(x.to(device, dtype), ids.to(device),
                                    [p.to(device, dtype) for p in params], CONFIG, 1.3, None)
-        usable_backend("triton", inputs)
-        assert first_use_check.reasons(backends._REGISTRY["triton"], inputs) == []
-    assert first_use_check.demotion_reason("triton") is None
+        usable_backend(name, inputs)
+        assert first_use_check.reasons(backends._REGISTRY[name], inputs) == []
+    assert first_use_check.demotion_reason(name) is None

@@ -30,9 +30,11 @@ constexpr int kBM = 64, kBN = 64, kBK = 32;   // cta_gemm tile; kBM is also the 
 constexpr int kPadAB = 8;                     // keeps WMMA rows 32-byte aligned, spreads banks
 constexpr int kPadC = 4;
 constexpr float kLnEps = 1e-5f;
-// Forward occupancy target: 256 x 3 threads per SM caps the forward at 80 registers (sm_90, no
-// spill; 122 without the bound, i.e. 2 CTAs/SM).
-constexpr int kForwardMinBlocks = 3;
+// Forward occupancy target (CTAs per SM the register allocation must allow). fp32: 3, i.e. at
+// most 80 registers (sm_90: 80, no spill; 127 without the bound, 2 CTAs/SM). fp16/bf16 on the
+// ldmatrix + mma.sync path: 2 (<= 128 registers); at 80 it spills 8 bytes.
+template <typename T> struct ForwardMinBlocks { static constexpr int value = 2; };
+template <> struct ForwardMinBlocks<float> { static constexpr int value = 3; };
 // Share of the device's L2 the forward's global activation scratch may occupy (the rest holds
 // the weights, the gathered map rows and y on their way out).
 constexpr double kL2BudgetFraction = 0.75;
@@ -144,12 +146,83 @@ __device__ __forceinline__ void stage_tile(T* dst, int ld, const Load& load, int
   }
 }
 
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Four 8 x 8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
+// l / 8. Rows must be 16-byte aligned (the GemmSmem strides, 80 and 144 bytes, are).
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+}
+// Two 8 x 8 b16 matrices, each transposed (lanes 0-15 give the row addresses): B stored [k][n]
+// row-major (rows k, k + 8 of one 8-column block) becomes the {b0, b1} fragment of m16n8k16.
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], unsigned address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
+}
+// d += a (16 x 16, row) @ b (16 x 8, col), fp32 accumulate.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1, __nv_bfloat16) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1, __half) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
 // s.c = A[0:64, 0:K] @ B[0:K, 0:64] in fp32. load_a(m, k) and load_b(k, n) return T and handle
 // every mask and every layout (mix, concat, transposes), so one GEMM body serves all five uses.
 // Ends with a barrier: s.c is ready for all threads.
 template <typename T, typename LoadA, typename LoadB>
 __device__ void cta_gemm(GemmSmem<T>& s, int K, const LoadA& load_a, const LoadB& load_b) {
   if constexpr (UseTensorCores<T>::value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // mma.sync m16n8k16 with operands through ldmatrix (WMMA's bf16 loads compile to generic
+    // LD.E, its f16 loads to shared ones; ldmatrix is the shared-memory fragment load for both).
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp % 4, wn = warp / 4;  // 4 x 2 warps, each a 16 x 32 strip = 4 n-blocks of 8
+    float acc[4][4] = {};
+    // This lane's ldmatrix row addresses (shared-space bytes) at k = 0, computed once.
+    const unsigned a_rows = shared_address(&s.a[wm * 16 + lane % 16][(lane / 16) * 8]);
+    const unsigned b_rows = shared_address(&s.b[lane % 16][wn * 32]);
+    for (int k0 = 0; k0 < K; k0 += kBK) {
+      stage_tile<kBM, kBK, LoadA::kRowFastest>(&s.a[0][0], kBK + kPadAB, load_a, 0, k0);
+      stage_tile<kBK, kBN, LoadB::kRowFastest>(&s.b[0][0], kBN + kPadAB, load_b, k0, 0);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_rows + kk * sizeof(T));
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {  // one 16 x 8 B fragment at a time: fits 80 registers
+          uint32_t b[2];
+          ldmatrix_x2_trans(b, b_rows + (kk * (kBN + kPadAB) + nb * 8) * sizeof(T));
+          mma_m16n8k16(acc[nb], a, b[0], b[1], T{});
+        }
+      }
+      __syncthreads();
+    }
+    const int g = lane / 4, t = lane % 4;  // accumulator layout of m16n8: rows g, g + 8; cols 2t, 2t + 1
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+      float* top = &s.c[wm * 16 + g][wn * 32 + nb * 8 + 2 * t];
+      float* bottom = &s.c[wm * 16 + g + 8][wn * 32 + nb * 8 + 2 * t];
+      top[0] = acc[nb][0];
+      top[1] = acc[nb][1];
+      bottom[0] = acc[nb][2];
+      bottom[1] = acc[nb][3];
+    }
+#else
     using namespace nvcuda;
     const int warp = threadIdx.x / 32;
     const int wm = warp % 4, wn = warp / 4;  // 4 x 2 warps, each a 16 x 32 strip
@@ -176,6 +249,7 @@ __device__ void cta_gemm(GemmSmem<T>& s, int K, const LoadA& load_a, const LoadB
 #pragma unroll
     for (int f = 0; f < 2; ++f)
       wmma::store_matrix_sync(&s.c[wm * 16][wn * 32 + f * 16], acc[f], kBN + kPadC, wmma::mem_row_major);
+#endif
   } else {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 4 x 4 outputs per thread
     float acc[4][4] = {};

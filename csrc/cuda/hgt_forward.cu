@@ -43,7 +43,7 @@ __device__ void norm_act_dropout(const HgtStack& st, const HgtRows& in, int l, c
 // shared memory when 64 x (p + 2 max_width) fits, else in this CTA's slice of a global scratch that
 // the small persistent grid keeps L2-resident.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks) hgt_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, ForwardMinBlocks<T>::value) hgt_forward_kernel(const __grid_constant__ ForwardArgs<T> a) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   GemmSmem<T>& gs = *reinterpret_cast<GemmSmem<T>*>(smem_raw);
   const HgtStack& st = a.st;
