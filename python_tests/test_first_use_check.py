@@ -150,3 +150,21 @@ def test_real_kernels_pass_the_check(name):
         usable_backend(name, inputs)
         assert first_use_check.reasons(backends._REGISTRY[name], inputs) == []
     assert first_use_check.demotion_reason(name) is None
+
+
+def test_first_call_under_inference_mode_passes(monkeypatch):
+    _install(monkeypatch)
+    x, ids, params = _inputs()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.hgt(x, params, CONFIG, ids=ids)
+    assert first_use_check.demotion_reason("triton") is None
+
+
+def test_probe_is_small_and_keeps_the_id_dtype():
+    x = torch.randn(1000, 12)
+    ids = torch.tensor([999, 5, 5, 0, 7, 999, 3, 2, 1, 4], dtype=torch.int32)
+    probe_x, probe_ids, _ = first_use_check._probe(backends.OpInputs(x, ids, [], CONFIG, 1.0, None))
+    assert probe_ids.dtype == torch.int32 and len(probe_ids) == first_use_check.PROBE_ROWS
+    assert probe_x.shape[0] <= first_use_check.PROBE_ROWS
+    torch.testing.assert_close(probe_x[probe_ids.long()], x[ids[:first_use_check.PROBE_ROWS].long()])
