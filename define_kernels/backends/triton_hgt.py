@@ -12,9 +12,12 @@ activation, dropout from the common counter hash, and the reduce layer. Widths t
 powers of two (44, 136, ...) are covered by masked BLOCK_N / BLOCK_K tiles (all >= 16 for
 tl.dot). The layer table is unrolled at compile time: every width, group count and parameter
 offset is a constexpr, so one kernel is compiled per HGTConfig (and dtype).
-Intermediates live in an L2-resident per-tile scratch, not in registers: z (fp32, pre-norm) and
+Intermediates live in a per-tile global scratch, not in registers: z (fp32, pre-norm) and
 h (parameter dtype), rows indexed by token, each program reading back only the rows it just
-wrote (a CTA barrier orders the stages). Forward-only scratch: T x max_w fp32 for z plus
+wrote (a CTA barrier orders the stages). They are not guaranteed to stay in L2: with one
+program per SM in flight (the autotuned configs use 214-254 registers x 256 threads), wt103-base
+in bf16 keeps 132 x 64 x 1024 x (4 + 2 x 2) bytes = 66 MB of scratch in flight, more than a
+50 MB L2; bench/gpu_cuda_notes.md weighs the split design that avoids it. Forward-only scratch: T x max_w fp32 for z plus
 T x 2 max_w (ping-pong) for h. Parameters are packed into one flat buffer, re-packed only when
 a parameter changes (address + version counter, as the inference cache). Precision: x * scale
 and h enter the dots in the parameter dtype (as in the reference run in that dtype); z, LN
@@ -41,6 +44,10 @@ torch.use_deterministic_algorithms; there the forward also skips autotuning (a t
 tile choice could change the K order of the dots between processes) and uses DETERMINISTIC_TILES. grad_rows is per gathered row (op contract);
 the op's autograd rule scatters it into the table.
 
+Every launch goes through a `wrap` hook (identity here): triton_library.py passes
+torch.library.wrap_triton, so the same launch code runs as `triton_op`s that torch.compile can
+see into.
+
 Availability: CUDA tensors, priority 10 (ahead of C++ CUDA). With TRITON_INTERPRET=1 (tests,
 debugging) also CPU tensors, with one pinned tile config, no autotune, no bf16, and priority
 2000, behind the reference, so `auto` keeps running real work on compiled backends while
@@ -57,12 +64,11 @@ from typing import List, Optional
 import torch
 
 from ..config import HGTConfig
-from ..inference_cache import parameters_fingerprint
 from . import Backend, OpInputs, register_backend
+from .triton_layout import _dropout_args, _packed, dropout_bases, dropout_bases_tensor, stack_layout  # noqa: F401
 
 PRIORITY = 10               # ahead of the C++ CUDA backend
 INTERPRETER_PRIORITY = 2000  # behind the reference: `auto` never routes real work to the interpreter
-_MASK32 = 0xFFFFFFFF
 
 
 def _interpreting() -> bool:
@@ -171,115 +177,7 @@ def _forward_launch():
     return _forward_kernel(), {}
 
 
-# ------------------------------------------------------------------------------- layouts
-def _cumulative(widths) -> tuple:
-    offsets, total = [], 0
-    for width in widths:
-        offsets.append(total)
-        total += width
-    return tuple(offsets)
-
-
-@functools.lru_cache(maxsize=64)
-def stack_layout(config: HGTConfig, save: bool) -> dict:
-    """Constexpr tables of the kernels: per-layer shapes, packed parameter and scratch offsets.
-
-    save=False: z reuses one max_w-wide scratch, h ping-pongs between two (forward only).
-    save=True: every layer gets its own z and h columns (kept for the backward).
-    """
-    from .triton_kernels.common import ACT_CODES, KIND_CODES
-    layers = config.layers
-    widths = [layer.out_features for layer in layers]
-    offsets = {"W_OFF": [], "B_OFF": [], "NW_OFF": [], "NB_OFF": []}
-    position = 0
-    shapes = iter(config.param_shapes())
-    for index in range(len(layers)):
-        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if config.layer_has_norm(index) else [])
-        for name in names:
-            offsets[name].append(position)
-            size = 1
-            for dim in next(shapes):
-                size *= dim
-            position += size
-        if not config.layer_has_norm(index):
-            offsets["NW_OFF"].append(0)
-            offsets["NB_OFF"].append(0)
-    widest = max(widths)
-    if save:
-        z_off, h_off = _cumulative(widths), _cumulative(widths[:-1]) + (0,)
-        z_width, h_width = sum(widths), max(sum(widths[:-1]), 1)
-    else:
-        z_off = (0,) * len(layers)
-        h_off = tuple((index % 2) * widest for index in range(len(layers) - 1)) + (0,)
-        z_width, h_width = widest, 2 * widest
-    return dict(
-        IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
-        GROUPS=tuple(layer.groups for layer in layers),
-        KINDS=tuple(KIND_CODES[layer.input_kind] for layer in layers),
-        PREV_W=(0,) + tuple(widths[:-1]),
-        NORMS=tuple(bool(config.layer_has_norm(i)) for i in range(len(layers))),
-        ACTS=tuple(ACT_CODES[config.layer_act(i)] for i in range(len(layers))),
-        **{name: tuple(values) for name, values in offsets.items()},
-        Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
-        P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
-        z_width=z_width, h_width=h_width, num_params=position)
-
-
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
-def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
-    """fmix32(seed ^ fmix32(layer)) per layer: the per-layer start of the dropout hash."""
-    return torch.tensor([_fmix32((seed & _MASK32) ^ _fmix32(layer)) for layer in range(num_layers)],
-                        dtype=torch.int64, device=device)
-
-
-class _PackedParams:
-    """One flat copy of the parameter list, rebuilt only when a parameter changed.
-
-    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
-    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
-    """
-
-    def __init__(self):
-        self._sources, self._fingerprint, self._flat = None, None, None
-
-    def get(self, params) -> torch.Tensor:
-        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
-        if self._flat is None or fingerprint != self._fingerprint:
-            self._flat = None  # free the stale copy first
-            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self._sources, self._fingerprint = list(params), fingerprint
-        return self._flat
-
-
-_packed = _PackedParams()
-
-
-def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:
-    """dropout_bases from a 0-d int64 seed tensor, in torch ops (traceable: no int(seed))."""
-    from ..reference import _fmix32
-    layers = _fmix32(torch.arange(num_layers, dtype=torch.int64, device=device))
-    return _fmix32((seed.to(device=device, dtype=torch.int64) & _MASK32) ^ layers)
-
-
-def _dropout_args(config: HGTConfig, seed, device):
-    """seed: None, a Python int (registry path) or a 0-d tensor (the triton_op path)."""
-    from ..reference import dropout_threshold
-    if seed is None or config.dropout == 0:
-        return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
-    if isinstance(seed, torch.Tensor):
-        bases = dropout_bases_tensor(seed, len(config.layers), device)
-    else:
-        bases = dropout_bases(seed, len(config.layers), device)
-    return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
-
-
+# ------------------------------------------------------------------------------- launches
 def _no_wrap(kernel):
     return kernel
 
