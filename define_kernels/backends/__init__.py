@@ -5,6 +5,9 @@ returning reasons it cannot run: one global (package missing, build failed) and 
 (shapes, options, determinism). `auto` picks the first usable backend by priority; a backend
 asked for by name that cannot run raises `BackendUnavailableError` listing its reasons.
 
+GPU backends are also checked against the reference on their first use per (config, dtype) and
+demoted for the process on a mismatch (first_use_check.py).
+
 Backends register themselves from the modules listed in `_BUILTIN_MODULES`; importing one must be
 cheap (heavy imports such as triton or a JIT build happen on first use).
 """
