@@ -276,7 +276,7 @@ def compile_kernels_for_sm90():
     _compile_sm90(backward.input_grad_kernel,
                   dict(dz_ptr="*fp32", params_ptr="*bf16", dx_ptr="*fp32", dhin_ptr="*fp32"),
                   dict(T="i32", stride_dz="i32", stride_dx="i32", stride_dh="i32"),
-                  dict(shape, W_OFF=layout["W_OFF"][index]))
+                  dict(shape, W_OFF=layout["W_OFF"][index]), num_warps=epilogue["input_grad_warps"])
 
 
 def test_kernels_compile_for_sm90_bf16():

@@ -134,12 +134,15 @@ DETERMINISTIC_TILES = {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps":
 def backward_tiles(dtype: torch.dtype) -> dict:
     """Fixed tiles of the backward kernels (no autotune: one of them accumulates into its output)."""
     if _interpreting():
-        return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16)
+        return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16,
+                    input_grad_warps=4)
     size = 32 if dtype == torch.float32 else 64
-    # The elementwise LN/act/dropout backward keeps ~6 [BLOCK_T, BLOCK_N] fp32 values live: with
-    # 4 warps (32 per thread each) sm_90 compiles hit 255 registers and spill; 8 warps halve that.
+    # sm_90a compiles (bf16, wt103 stacks): the elementwise LN/act/dropout backward keeps ~6
+    # [BLOCK_T, BLOCK_N] fp32 values live and spilled at 4 warps x 64 columns (255 registers):
+    # 8 warps x 32 columns give 166. The input-gradient GEMM of the 1024-wide layers spilled 48 B
+    # at 4 warps: 8 warps give 180 registers, no spill.
     return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4, "epilogue_warps": 8,
-            "epilogue_block_n": 32}
+            "epilogue_block_n": 32, "input_grad_warps": 8}
 
 
 def weight_grad_splits(programs: int, rows: int, block_t: int, device) -> int:
@@ -292,7 +295,7 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
         dh_below = dh_buffers[index % 2]
         wrap(input_grad_kernel)[(row_tiles, triton.cdiv(a_g, block_k), groups)](
             dz, flat, dx, dh_below, rows, dz.stride(0), dx.stride(0), dh_below.stride(0),
-            W_OFF=layout["W_OFF"][index], num_warps=warps, **shape)
+            W_OFF=layout["W_OFF"][index], num_warps=tiles["input_grad_warps"], **shape)
         grads = [grad_weight, dz[:, :width].reshape(rows, groups, c).sum(0).to(dtype)]
         if has_norm:
             grads += [dgamma.sum((0, 1)).to(dtype), dbeta.sum((0, 1)).to(dtype)]
