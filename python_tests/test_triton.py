@@ -223,15 +223,16 @@ def test_interpreter_refuses_bf16_with_reason():
     assert ops.hgt(x, params, config).dtype == torch.bfloat16  # auto runs the reference
 
 
-def _compile_sm90(kernel, pointers, scalars, constexprs):
-    """Compile `kernel` for sm_90 without a GPU (Triton's bundled ptxas)."""
+def _compile_sm90(kernel, pointers, scalars, constexprs, mma="mma", **options):
+    """Compile `kernel` for sm_90a without a GPU (Triton's bundled ptxas); `mma`: the
+    instruction its PTX must contain (None: no check)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature = dict(pointers, **scalars, **{name: "constexpr" for name in constexprs})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
-    assert "mma" in compiled.asm["ptx"], f"{kernel.__name__}: no tensor-core instruction"
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    assert mma is None or mma in compiled.asm["ptx"], f"{kernel.__name__} {options}: no {mma}"
 
 
 def compile_kernels_for_sm90():
@@ -243,13 +244,26 @@ def compile_kernels_for_sm90():
     config = HGTConfig(**dict(SMALL, transform="define_nomix", shuffle=True, dropout=0.1))
     layout = triton_hgt.stack_layout(config, save=True)
     tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
+    for candidate in triton_hgt.forward_configs():  # every autotune candidate uses wgmma on sm_90
+        _compile_sm90(forward.hgt_forward_kernel,
+                      dict(x_ptr="*bf16", ids_ptr="*i32", params_ptr="*bf16", z_ptr="*fp32",
+                           h_ptr="*bf16", y_ptr="*bf16", bases_ptr="*i64"),
+                      dict(T="i32", stride_x="i32", stride_z="i32", stride_h="i32", scale="fp32",
+                           threshold="i32", drop_scale="fp32"),
+                      dict(tables, HAS_IDS=True, DROPOUT=True, DOT_PRECISION="tf32", **candidate.kwargs),
+                      mma="wgmma", num_warps=candidate.num_warps, num_stages=candidate.num_stages)
     tiles = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32)
-    _compile_sm90(forward.hgt_forward_kernel,
-                  dict(x_ptr="*bf16", ids_ptr="*i32", params_ptr="*bf16", z_ptr="*fp32",
-                       h_ptr="*bf16", y_ptr="*bf16", bases_ptr="*i64"),
-                  dict(T="i32", stride_x="i32", stride_z="i32", stride_h="i32", scale="fp32",
-                       threshold="i32", drop_scale="fp32"),
-                  dict(tables, HAS_IDS=True, DROPOUT=True, DOT_PRECISION="tf32", **tiles))
+    epilogue = triton_hgt.backward_tiles(torch.bfloat16)
+    _compile_sm90(backward.epilogue_backward_kernel,
+                  dict(dh_ptr="*fp32", z_ptr="*fp32", params_ptr="*bf16", dz_ptr="*fp32",
+                       dgamma_ptr="*fp32", dbeta_ptr="*fp32", ids_ptr="*i64", bases_ptr="*i64"),
+                  dict(T="i32", stride_dh="i32", stride_z="i32", stride_dz="i32", threshold="i32",
+                       drop_scale="fp32"),
+                  dict(LAYER=0, G=config.layers[0].groups, C=config.layers[0].out_features // config.layers[0].groups,
+                       HAS_NORM=True, ACT=1, NW_OFF=layout["NW_OFF"][0], NB_OFF=layout["NB_OFF"][0],
+                       HAS_IDS=True, SHUFFLE=True, DROPOUT=True, BLOCK_T=epilogue["BLOCK_T"],
+                       BLOCK_N=epilogue["epilogue_block_n"]),
+                  mma=None, num_warps=epilogue["epilogue_warps"])
     index = 1  # a concat layer whose second group straddles x and h
     layer = config.layers[index]
     shape = dict(P=config.in_dim, A=layer.in_features, W=layer.out_features, G=layer.groups,
@@ -262,7 +276,7 @@ def compile_kernels_for_sm90():
     _compile_sm90(backward.input_grad_kernel,
                   dict(dz_ptr="*fp32", params_ptr="*bf16", dx_ptr="*fp32", dhin_ptr="*fp32"),
                   dict(T="i32", stride_dz="i32", stride_dx="i32", stride_dh="i32"),
-                  dict(shape, W_OFF=layout["W_OFF"][index]))
+                  dict(shape, W_OFF=layout["W_OFF"][index]), num_warps=epilogue["input_grad_warps"])
 
 
 def test_kernels_compile_for_sm90_bf16():
@@ -274,3 +288,27 @@ def test_kernels_compile_for_sm90_bf16():
                             cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_offsets_past_2_31_elements():
+    """Map rows gathered past element 2^31 of the table (int32 ids, int64 offsets in the
+    kernels). The table is 8.6 GB of virtual memory, but only the gathered rows are ever
+    written or read, so the pages committed stay a few KB. Backend functions directly: the
+    public op's autograd would scatter into a table-sized gradient."""
+    config = HGTConfig(in_dim=16, expand_dim=32, out_dim=16, depth=2, max_groups=2, align=1)
+    rows = 2**31 // config.in_dim + 64
+    _check_backend(config, torch.zeros(1, config.in_dim), None)
+    table = torch.empty(rows, config.in_dim, dtype=torch.float32)
+    ids = torch.tensor([rows - 1, 2**27, 2**27 + 5, 3, rows - 1, 2**27 + 63], dtype=torch.int32)
+    assert int(ids.max()) * config.in_dim > 2**31
+    table[ids.long()] = torch.randn(len(ids), config.in_dim)
+    params = [torch.randn(shape) * 0.6 for shape in config.param_shapes()]
+    y = triton_hgt.triton_forward(table, ids, params, config, 1.1)
+    y_ref = reference.hgt_forward(table, ids.long(), params, config, 1.1)
+    assert_close(y, y_ref, torch.float32, name="y")
+    grad_y = torch.randn_like(y)
+    grad_rows, grad_params = triton_hgt.triton_backward(grad_y, table, ids, params, config, 1.1)
+    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y, table, ids.long(), params, config, 1.1)
+    assert_close(grad_rows, grad_rows_ref, torch.float32, name="grad_rows")
+    for index, (grad, grad_ref) in enumerate(zip(grad_params, grad_params_ref)):
+        assert_close(grad, grad_ref, torch.float32, name=f"grad_params[{index}]")

@@ -6,9 +6,8 @@ dtype, plus a floor (`assert_low_precision_close`).
 """
 import torch
 
-ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# One table for the tests and the backends' guarded first use (which runs in users' processes).
+from define_kernels.backends.first_use_check import ATOL, LOW_PRECISION_FLOOR, RTOL  # noqa: E402,F401
 
 
 def _describe(actual, expected, name):

@@ -1,7 +1,8 @@
 // CUDA kernels of the fused HGT op (SPEC §2): plain host launchers over raw pointers.
 //
-// This header and hgt_kernels.cu use only CUDA toolkit headers (no torch), so CI can compile-check
-// them with `nvcc -c` on a machine without a GPU or a CUDA build of torch. hgt_cuda.cpp is the torch
+// This header and the kernels (hgt_forward.cu, hgt_backward.cu, hgt_device.cuh) use only CUDA
+// toolkit headers (no torch), so CI can compile-check them with `nvcc -c` on a machine without a
+// GPU or a CUDA build of torch. hgt_cuda.cpp is the torch
 // binding: it checks arguments, allocates every buffer (outputs and one workspace) with torch and
 // calls the launchers below on the current stream. Design notes: bench/gpu_cuda_notes.md.
 #pragma once

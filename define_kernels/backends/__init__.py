@@ -5,6 +5,9 @@ returning reasons it cannot run: one global (package missing, build failed) and 
 (shapes, options, determinism). `auto` picks the first usable backend by priority; a backend
 asked for by name that cannot run raises `BackendUnavailableError` listing its reasons.
 
+GPU backends are also checked against the reference on their first use per (config, dtype) and
+demoted for the process on a mismatch (first_use_check.py).
+
 Backends register themselves from the modules listed in `_BUILTIN_MODULES`; importing one must be
 cheap (heavy imports such as triton or a JIT build happen on first use).
 """
@@ -19,6 +22,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..config import HGTConfig
+from . import first_use_check
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +138,13 @@ def select(requested: str, inputs: OpInputs) -> Backend:
         name = get_backend()
     if name != AUTO:
         backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
     skipped = []
     for backend in backends_by_priority():
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
         if not reasons:
             if skipped:
                 logger.debug("auto backend %s; skipped %s", backend.name, skipped)

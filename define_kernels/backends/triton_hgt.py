@@ -12,9 +12,12 @@ activation, dropout from the common counter hash, and the reduce layer. Widths t
 powers of two (44, 136, ...) are covered by masked BLOCK_N / BLOCK_K tiles (all >= 16 for
 tl.dot). The layer table is unrolled at compile time: every width, group count and parameter
 offset is a constexpr, so one kernel is compiled per HGTConfig (and dtype).
-Intermediates live in an L2-resident per-tile scratch, not in registers: z (fp32, pre-norm) and
+Intermediates live in a per-tile global scratch, not in registers: z (fp32, pre-norm) and
 h (parameter dtype), rows indexed by token, each program reading back only the rows it just
-wrote (a CTA barrier orders the stages). Forward-only scratch: T x max_w fp32 for z plus
+wrote (a CTA barrier orders the stages). They are not guaranteed to stay in L2: with one
+program per SM in flight (the autotuned configs use 214-254 registers x 256 threads), wt103-base
+in bf16 keeps 132 x 64 x 1024 x (4 + 2 x 2) bytes = 66 MB of scratch in flight, more than a
+50 MB L2; bench/gpu_cuda_notes.md weighs the split design that avoids it. Forward-only scratch: T x max_w fp32 for z plus
 T x 2 max_w (ping-pong) for h. Parameters are packed into one flat buffer, re-packed only when
 a parameter changes (address + version counter, as the inference cache). Precision: x * scale
 and h enter the dots in the parameter dtype (as in the reference run in that dtype); z, LN
@@ -41,6 +44,10 @@ torch.use_deterministic_algorithms; there the forward also skips autotuning (a t
 tile choice could change the K order of the dots between processes) and uses DETERMINISTIC_TILES. grad_rows is per gathered row (op contract);
 the op's autograd rule scatters it into the table.
 
+Every launch goes through a `wrap` hook (identity here): triton_library.py passes
+torch.library.wrap_triton, so the same launch code runs as `triton_op`s that torch.compile can
+see into.
+
 Availability: CUDA tensors, priority 10 (ahead of C++ CUDA). With TRITON_INTERPRET=1 (tests,
 debugging) also CPU tensors, with one pinned tile config, no autotune, no bf16, and priority
 2000, behind the reference, so `auto` keeps running real work on compiled backends while
@@ -57,12 +64,11 @@ from typing import List, Optional
 import torch
 
 from ..config import HGTConfig
-from ..inference_cache import parameters_fingerprint
 from . import Backend, OpInputs, register_backend
+from .triton_layout import _dropout_args, _packed, dropout_bases, dropout_bases_tensor, stack_layout  # noqa: F401
 
 PRIORITY = 10               # ahead of the C++ CUDA backend
 INTERPRETER_PRIORITY = 2000  # behind the reference: `auto` never routes real work to the interpreter
-_MASK32 = 0xFFFFFFFF
 
 
 def _interpreting() -> bool:
@@ -109,12 +115,14 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 def forward_configs():
     """Autotune candidates for the fused forward on a GPU (tiles >= 16 for tl.dot).
 
-    Offline sm_90 compiles of the wt2-small stack (bf16): these use <= 255 registers without
-    spilling; 128-row tiles, and 64 x 128 output tiles, spilled (1-1.4 KB of stack), so they
-    are left out. Few candidates on purpose: every one compiles the whole unrolled stack.
+    Offline sm_90a compiles (bf16, SPEC §6 stacks): these use <= 255 registers without spilling
+    and their dots lower to wgmma (BLOCK_T >= 64 and num_warps a multiple of 4, one warpgroup
+    per 64 rows); the former BLOCK_T=32 candidates fell back to mma.sync, and 128-row tiles or
+    64 x 128 output tiles spilled (1-1.4 KB of stack), so they are left out. Few candidates on
+    purpose: every one compiles the whole unrolled stack.
     """
     import triton
-    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (32, 64, 64, 4, 3)]
+    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)]
     return [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for t, n, k, w, s in shapes]
 
@@ -126,9 +134,15 @@ DETERMINISTIC_TILES = {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps":
 def backward_tiles(dtype: torch.dtype) -> dict:
     """Fixed tiles of the backward kernels (no autotune: one of them accumulates into its output)."""
     if _interpreting():
-        return dict(INTERPRETER_TILES, num_warps=4)
+        return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16,
+                    input_grad_warps=4)
     size = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4}
+    # sm_90a compiles (bf16, wt103 stacks): the elementwise LN/act/dropout backward keeps ~6
+    # [BLOCK_T, BLOCK_N] fp32 values live and spilled at 4 warps x 64 columns (255 registers):
+    # 8 warps x 32 columns give 166. The input-gradient GEMM of the 1024-wide layers spilled 48 B
+    # at 4 warps: 8 warps give 180 registers, no spill.
+    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4, "epilogue_warps": 8,
+            "epilogue_block_n": 32, "input_grad_warps": 8}
 
 
 def weight_grad_splits(programs: int, rows: int, block_t: int, device) -> int:
@@ -166,102 +180,16 @@ def _forward_launch():
     return _forward_kernel(), {}
 
 
-# ------------------------------------------------------------------------------- layouts
-def _cumulative(widths) -> tuple:
-    offsets, total = [], 0
-    for width in widths:
-        offsets.append(total)
-        total += width
-    return tuple(offsets)
+# ------------------------------------------------------------------------------- launches
+def _no_wrap(kernel):
+    return kernel
 
 
-@functools.lru_cache(maxsize=64)
-def stack_layout(config: HGTConfig, save: bool) -> dict:
-    """Constexpr tables of the kernels: per-layer shapes, packed parameter and scratch offsets.
-
-    save=False: z reuses one max_w-wide scratch, h ping-pongs between two (forward only).
-    save=True: every layer gets its own z and h columns (kept for the backward).
-    """
-    from .triton_kernels.common import ACT_CODES, KIND_CODES
-    layers = config.layers
-    widths = [layer.out_features for layer in layers]
-    offsets = {"W_OFF": [], "B_OFF": [], "NW_OFF": [], "NB_OFF": []}
-    position = 0
-    shapes = iter(config.param_shapes())
-    for index in range(len(layers)):
-        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if config.layer_has_norm(index) else [])
-        for name in names:
-            offsets[name].append(position)
-            size = 1
-            for dim in next(shapes):
-                size *= dim
-            position += size
-        if not config.layer_has_norm(index):
-            offsets["NW_OFF"].append(0)
-            offsets["NB_OFF"].append(0)
-    widest = max(widths)
-    if save:
-        z_off, h_off = _cumulative(widths), _cumulative(widths[:-1]) + (0,)
-        z_width, h_width = sum(widths), max(sum(widths[:-1]), 1)
-    else:
-        z_off = (0,) * len(layers)
-        h_off = tuple((index % 2) * widest for index in range(len(layers) - 1)) + (0,)
-        z_width, h_width = widest, 2 * widest
-    return dict(
-        IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
-        GROUPS=tuple(layer.groups for layer in layers),
-        KINDS=tuple(KIND_CODES[layer.input_kind] for layer in layers),
-        PREV_W=(0,) + tuple(widths[:-1]),
-        NORMS=tuple(bool(config.layer_has_norm(i)) for i in range(len(layers))),
-        ACTS=tuple(ACT_CODES[config.layer_act(i)] for i in range(len(layers))),
-        **{name: tuple(values) for name, values in offsets.items()},
-        Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
-        P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
-        z_width=z_width, h_width=h_width, num_params=position)
-
-
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
-def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
-    """fmix32(seed ^ fmix32(layer)) per layer: the per-layer start of the dropout hash."""
-    return torch.tensor([_fmix32((seed & _MASK32) ^ _fmix32(layer)) for layer in range(num_layers)],
-                        dtype=torch.int64, device=device)
-
-
-class _PackedParams:
-    """One flat copy of the parameter list, rebuilt only when a parameter changed.
-
-    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
-    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
-    """
-
-    def __init__(self):
-        self._sources, self._fingerprint, self._flat = None, None, None
-
-    def get(self, params) -> torch.Tensor:
-        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
-        if self._flat is None or fingerprint != self._fingerprint:
-            self._flat = None  # free the stale copy first
-            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self._sources, self._fingerprint = list(params), fingerprint
-        return self._flat
-
-
-_packed = _PackedParams()
-
-
-def _dropout_args(config: HGTConfig, seed: Optional[int], device):
-    from ..reference import dropout_threshold
-    if seed is None or config.dropout == 0:
-        return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
-    bases = dropout_bases(seed, len(config.layers), device)
-    return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
+def _pack(params, wrap) -> torch.Tensor:
+    """The flat parameter buffer: cached on the registry path; a plain cat when traced."""
+    if wrap is _no_wrap:
+        return _packed.get(params)
+    return torch.cat([p.reshape(-1) for p in params])
 
 
 def _on_device(device):
@@ -269,8 +197,11 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def run_forward(x, ids, params, config: HGTConfig, scale: float, seed: Optional[int], save: bool):
-    """Launch the fused forward; returns (y, z_scratch, h_scratch, layout)."""
+def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: bool, wrap=_no_wrap):
+    """Launch the fused forward; returns (y, z_scratch, h_scratch, layout).
+
+    wrap: applied to every kernel before launch (torch.library.wrap_triton in triton_library.py).
+    """
     import triton
     layout = stack_layout(config, save)
     x = x.contiguous()
@@ -282,13 +213,13 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed: Optional[
     if rows == 0:
         return y, z, h, layout
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
-    flat = _packed.get(params)
+    flat = _pack(params, wrap)
     ids_arg = ids.contiguous() if ids is not None else x  # unused when HAS_IDS is False
     tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
     kernel, tiles = _forward_launch()
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)  # noqa: E731
     with _on_device(device):
-        kernel[grid](
+        wrap(kernel)[grid](
             x, ids_arg, flat, z, h, y, bases,
             rows, x.stride(0), z.stride(0), h.stride(0), float(scale), threshold, drop_scale,
             HAS_IDS=ids is not None, DROPOUT=dropout,
@@ -307,17 +238,17 @@ def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
         return _run_backward(grad_y, x, ids, params, config, scale, seed)
 
 
-def _run_backward(grad_y, x, ids, params, config, scale, seed):
+def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
     import triton
     from .triton_kernels.backward import epilogue_backward_kernel, input_grad_kernel, weight_grad_kernel
     params = [p.detach() for p in params]
     dtype, device = x.dtype, x.device
-    _, z, h, layout = run_forward(x, ids, params, config, scale, seed, save=True)
+    _, z, h, layout = run_forward(x, ids, params, config, scale, seed, save=True, wrap=wrap)
     x = x.contiguous()
     rows = x.shape[0] if ids is None else ids.shape[0]
     if rows == 0:
         return x.new_zeros(0, config.in_dim), [torch.zeros_like(p) for p in params]
-    flat = _packed.get(params)
+    flat = _pack(params, wrap)
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
     ids_arg = ids.contiguous() if ids is not None else x
     tiles = backward_tiles(dtype)
@@ -340,13 +271,13 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed):
         dgamma = torch.empty(partial_shape, device=device, dtype=torch.float32)
         dbeta = torch.empty(partial_shape, device=device, dtype=torch.float32)
         z_layer = z[:, layout["Z_OFF"][index]:]
-        epilogue_backward_kernel[(row_tiles,)](
+        wrap(epilogue_backward_kernel)[(row_tiles,)](
             dh, z_layer, flat, dz, dgamma, dbeta, ids_arg, bases,
             rows, dh.stride(0), z.stride(0), dz.stride(0), threshold, drop_scale,
             LAYER=index, G=groups, C=c, HAS_NORM=has_norm, ACT=layout["ACTS"][index],
             NW_OFF=layout["NW_OFF"][index], NB_OFF=layout["NB_OFF"][index],
             HAS_IDS=ids is not None, SHUFFLE=config.shuffle, DROPOUT=dropout,
-            BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps)
+            BLOCK_T=block_t, BLOCK_N=tiles["epilogue_block_n"], num_warps=tiles["epilogue_warps"])
         shape = dict(P=config.in_dim, A=fan_in, W=width, G=groups,
                      KIND=layout["KINDS"][index], WP=layout["PREV_W"][index],
                      DOT_PRECISION=precision, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -356,15 +287,15 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed):
         tokens_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
         splits = triton.cdiv(rows, tokens_per_split)
         partial_weight = torch.empty(splits, groups, a_g, c, device=device, dtype=torch.float32)
-        weight_grad_kernel[(weight_tiles, splits, groups)](
+        wrap(weight_grad_kernel)[(weight_tiles, splits, groups)](
             x, ids_arg, h_in, dz, partial_weight, rows, tokens_per_split, x.stride(0),
             h.stride(0), dz.stride(0), float(scale), HAS_IDS=ids is not None, num_warps=warps,
             **shape)
         grad_weight = partial_weight.sum(0).to(dtype)
         dh_below = dh_buffers[index % 2]
-        input_grad_kernel[(row_tiles, triton.cdiv(a_g, block_k), groups)](
+        wrap(input_grad_kernel)[(row_tiles, triton.cdiv(a_g, block_k), groups)](
             dz, flat, dx, dh_below, rows, dz.stride(0), dx.stride(0), dh_below.stride(0),
-            W_OFF=layout["W_OFF"][index], num_warps=warps, **shape)
+            W_OFF=layout["W_OFF"][index], num_warps=tiles["input_grad_warps"], **shape)
         grads = [grad_weight, dz[:, :width].reshape(rows, groups, c).sum(0).to(dtype)]
         if has_norm:
             grads += [dgamma.sum((0, 1)).to(dtype), dbeta.sum((0, 1)).to(dtype)]

@@ -8,6 +8,10 @@ weight_grad_kernel: dW_j = u_j^T dz_j, a grouped GEMM over all tokens split into
     and the saved h.
 input_grad_kernel: du_j = dz_j W_j^T, split into the x part (added to dx; one writer per column)
     and the h part (dh of the layer below).
+
+Offsets past 2^31 elements: every token index (rows, t) and every per-split / per-tile index is
+int64 before it meets a row stride (program ids cast, as Liger does); what stays int32 is
+bounded by the parameter count or one row's width (tested by test_offsets_past_2_31_elements).
 """
 import triton
 import triton.language as tl
@@ -64,7 +68,7 @@ def epilogue_backward_kernel(
                 dv = g * gamma[None, :]
                 sum_dv += tl.sum(dv, axis=1)
                 sum_dv_xhat += tl.sum(dv * xhat, axis=1)
-                part = (pid * G + j) * C + n
+                part = (pid.to(tl.int64) * G + j) * C + n
                 tl.store(dgamma_ptr + part, tl.sum(g * xhat, axis=0), mask=n_mask)
                 tl.store(dbeta_ptr + part, tl.sum(g, axis=0), mask=n_mask)
             for n0 in range(0, C, BLOCK_N):
@@ -114,7 +118,7 @@ def weight_grad_kernel(
     is_x, x_col, h_col = column_source(j, k, KIND, P, WP, G, AG)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-    t_begin = split * tokens_per_split
+    t_begin = split.to(tl.int64) * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -134,7 +138,7 @@ def weight_grad_kernel(
         d = tl.load(dz_ptr + t.to(tl.int64)[:, None] * stride_dz + (j * C + n)[None, :],
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(u, d.to(dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(dw_ptr + (split * G + j) * (AG * C) + k[:, None] * C + n[None, :], acc,
+    tl.store(dw_ptr + (split.to(tl.int64) * G + j) * (AG * C) + k[:, None] * C + n[None, :], acc,
              mask=k_mask[:, None] & n_mask[None, :])
 
 

@@ -8,8 +8,11 @@ Per layer (unrolled at compile time; every width, group count and offset is a co
      z's columns), per-group LayerNorm (fp32 moments merged chunk by chunk), activation,
      dropout from the counter hash, result written in the parameter dtype to the h scratch
      (or to y for the reduce layer).
-The scratch rows belong to this program only and are re-read right after being written, so they
-stay in L2; a CTA barrier orders the two stages. With SAVE-layout offsets (distinct columns per
+The scratch rows belong to this program only and are re-read right after being written (from L2
+while the in-flight scratch fits it; see triton_hgt.py); a CTA barrier orders the two stages.
+Offsets: `rows` and the gathered table rows are int64 (the program id is cast before it is scaled
+by BLOCK_T), so row x stride products stay exact past 2^31 elements; parameter offsets are
+constexprs bounded by the parameter count. With SAVE-layout offsets (distinct columns per
 layer) the same kernel leaves every layer's z and h behind for the backward.
 """
 import triton

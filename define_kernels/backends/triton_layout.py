@@ -1,0 +1,124 @@
+"""Host-side tables of the `triton` backend: constexpr layouts, dropout bases, packed parameters.
+
+Pure Python and torch (no triton import), shared by triton_hgt.py (the launches) and the
+offline compile checks. See triton_hgt.py for the design.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..config import HGTConfig
+from ..inference_cache import parameters_fingerprint
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _cumulative(widths) -> tuple:
+    offsets, total = [], 0
+    for width in widths:
+        offsets.append(total)
+        total += width
+    return tuple(offsets)
+
+
+@functools.lru_cache(maxsize=64)
+def stack_layout(config: HGTConfig, save: bool) -> dict:
+    """Constexpr tables of the kernels: per-layer shapes, packed parameter and scratch offsets.
+
+    save=False: z reuses one max_w-wide scratch, h ping-pongs between two (forward only).
+    save=True: every layer gets its own z and h columns (kept for the backward).
+    """
+    from .triton_kernels.common import ACT_CODES, KIND_CODES
+    layers = config.layers
+    widths = [layer.out_features for layer in layers]
+    offsets = {"W_OFF": [], "B_OFF": [], "NW_OFF": [], "NB_OFF": []}
+    position = 0
+    shapes = iter(config.param_shapes())
+    for index in range(len(layers)):
+        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if config.layer_has_norm(index) else [])
+        for name in names:
+            offsets[name].append(position)
+            size = 1
+            for dim in next(shapes):
+                size *= dim
+            position += size
+        if not config.layer_has_norm(index):
+            offsets["NW_OFF"].append(0)
+            offsets["NB_OFF"].append(0)
+    widest = max(widths)
+    if save:
+        z_off, h_off = _cumulative(widths), _cumulative(widths[:-1]) + (0,)
+        z_width, h_width = sum(widths), max(sum(widths[:-1]), 1)
+    else:
+        z_off = (0,) * len(layers)
+        h_off = tuple((index % 2) * widest for index in range(len(layers) - 1)) + (0,)
+        z_width, h_width = widest, 2 * widest
+    return dict(
+        IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
+        GROUPS=tuple(layer.groups for layer in layers),
+        KINDS=tuple(KIND_CODES[layer.input_kind] for layer in layers),
+        PREV_W=(0,) + tuple(widths[:-1]),
+        NORMS=tuple(bool(config.layer_has_norm(i)) for i in range(len(layers))),
+        ACTS=tuple(ACT_CODES[config.layer_act(i)] for i in range(len(layers))),
+        **{name: tuple(values) for name, values in offsets.items()},
+        Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
+        P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
+        z_width=z_width, h_width=h_width, num_params=position)
+
+
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
+    """fmix32(seed ^ fmix32(layer)) per layer: the per-layer start of the dropout hash."""
+    return torch.tensor([_fmix32((seed & _MASK32) ^ _fmix32(layer)) for layer in range(num_layers)],
+                        dtype=torch.int64, device=device)
+
+
+class _PackedParams:
+    """One flat copy of the parameter list, rebuilt only when a parameter changed.
+
+    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
+    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
+    """
+
+    def __init__(self):
+        self._sources, self._fingerprint, self._flat = None, None, None
+
+    def get(self, params) -> torch.Tensor:
+        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
+        if self._flat is None or fingerprint != self._fingerprint:
+            self._flat = None  # free the stale copy first
+            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
+            self._sources, self._fingerprint = list(params), fingerprint
+        return self._flat
+
+
+_packed = _PackedParams()
+
+
+def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:
+    """dropout_bases from a 0-d int64 seed tensor, in torch ops (traceable: no int(seed))."""
+    from ..reference import _fmix32
+    layers = _fmix32(torch.arange(num_layers, dtype=torch.int64, device=device))
+    return _fmix32((seed.to(device=device, dtype=torch.int64) & _MASK32) ^ layers)
+
+
+def _dropout_args(config: HGTConfig, seed, device):
+    """seed: None, a Python int (registry path) or a 0-d tensor (the triton_op path)."""
+    from ..reference import dropout_threshold
+    if seed is None or config.dropout == 0:
+        return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
+    if isinstance(seed, torch.Tensor):
+        bases = dropout_bases_tensor(seed, len(config.layers), device)
+    else:
+        bases = dropout_bases(seed, len(config.layers), device)
+    return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
