@@ -11,20 +11,22 @@ from . import ops
 from .backends import check_backend_name
 from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
+from .seed import draw_seed
 
 
 class HGTLayer(nn.Module):
     """Parameters of one grouped layer: weight [g, a/g, w/g], bias [g, w/g], norm [w/g]."""
 
-    def __init__(self, spec: LayerSpec, has_norm: bool):
+    def __init__(self, spec: LayerSpec, has_norm: bool, *, device=None, dtype=None):
         super().__init__()
         g = spec.groups
+        factory = {"device": device, "dtype": dtype}
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(g, spec.in_features // g, spec.out_features // g))
-        self.bias = nn.Parameter(torch.empty(g, spec.out_features // g))
+        self.weight = nn.Parameter(torch.empty(g, spec.in_features // g, spec.out_features // g, **factory))
+        self.bias = nn.Parameter(torch.empty(g, spec.out_features // g, **factory))
         if has_norm:
-            self.norm_weight = nn.Parameter(torch.empty(spec.out_features // g))
-            self.norm_bias = nn.Parameter(torch.empty(spec.out_features // g))
+            self.norm_weight = nn.Parameter(torch.empty(spec.out_features // g, **factory))
+            self.norm_bias = nn.Parameter(torch.empty(spec.out_features // g, **factory))
         else:
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
@@ -54,23 +56,29 @@ class HGT(nn.Module):
         layers.{l}.norm_weight  [w/g]  (norm="layernorm" and, for reduce, reduce_norm)
         layers.{l}.norm_bias    [w/g]
     with (a, w, g) = config.layers[l] (in_features, out_features, groups).
+    `device` / `dtype` are factory kwargs, as for nn.Linear.
     """
 
-    def __init__(self, config: HGTConfig, backend: str = "auto"):
+    def __init__(self, config: HGTConfig, backend: str = "auto", *, device=None, dtype=None):
         super().__init__()
         if not isinstance(config, HGTConfig):
             raise ValueError(f"config must be an HGTConfig, got {type(config).__name__}")
         self.config = config
         self.backend = check_backend_name(backend)
         self.layers = nn.ModuleList(
-            HGTLayer(spec, config.layer_has_norm(index)) for index, spec in enumerate(config.layers))
+            HGTLayer(spec, config.layer_has_norm(index), device=device, dtype=dtype)
+            for index, spec in enumerate(config.layers))
+
+    def reset_parameters(self) -> None:
+        for layer in self.layers:
+            layer.reset_parameters()
 
     def op_params(self) -> List[torch.Tensor]:
         """The flat parameter list in the op's order (config.param_shapes())."""
         return [param for layer in self.layers for param in layer.op_params()]
 
     def dropout_seed(self) -> Optional[torch.Tensor]:
-        return ops.draw_seed() if self.training and self.config.dropout > 0 else None
+        return draw_seed() if self.training and self.config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_last_dim(x, self.config.in_dim, "x")
