@@ -4,7 +4,8 @@ The output of DeFINE depends only on the id, so in eval mode `table[id] = embed(
 served by one gather. The table is filled per id on first request (the first call after a weight
 change costs the distinct ids it sees, not V), fully only on `materialize()` or once most of V
 has been requested. A change of any parameter (in-place write, optimizer step, load_state_dict,
-replacement, move, cast) is caught by a fingerprint of the parameters and drops the table.
+replacement, move, cast) is caught by a fingerprint of the parameters and drops the table; the
+module also clears it in `_apply` (every move and cast).
 
 Thread safety: the bookkeeping and filling happen under a lock; the gather runs outside it on one
 generation (`_Filled`) whose filled rows never change again. An invalidation starts a new
@@ -12,6 +13,7 @@ generation instead of clearing the old one in place, so a concurrent reader of t
 """
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -21,8 +23,24 @@ from .checks import check_ids_in_range
 
 
 def parameters_fingerprint(params: Sequence[torch.Tensor]) -> tuple:
-    """Changes whenever any parameter is written in place, replaced, moved or cast."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    """Storage and version of each parameter: changes on an in-place write (optimizer step,
+    load_state_dict) and on new storage (`.data =`, moves, casts)."""
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+class _Fingerprint:
+    """The parameters a generation was computed from: the objects themselves (held, so a replaced
+    parameter's id cannot be reused by a new one) and their storage/version stamps."""
+
+    __slots__ = ("params", "stamps")
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = tuple(params)
+        self.stamps = parameters_fingerprint(self.params)
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and parameters_fingerprint(params) == self.stamps)
 
 
 class _Filled:
@@ -30,7 +48,7 @@ class _Filled:
 
     __slots__ = ("table", "filled", "count", "fingerprint", "complete")
 
-    def __init__(self, fingerprint: tuple):
+    def __init__(self, fingerprint: _Fingerprint):
         self.fingerprint = fingerprint
         self.table: Optional[torch.Tensor] = None
         self.filled: Optional[torch.Tensor] = None  # bool [V]
@@ -78,11 +96,10 @@ class InferenceCache:
     def lookup(self, ids: torch.Tensor, params: Sequence[torch.Tensor], num_embeddings: int,
                embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """table[ids] for non-empty 1-D ids, filling whatever rows are missing first."""
-        fingerprint = parameters_fingerprint(params)
         state = self._state
-        if state is None or not state.complete or state.fingerprint != fingerprint:
+        if state is None or not state.complete or not state.fingerprint.matches(params):
             with self._lock:
-                state = self._current(fingerprint)
+                state = self._current(params)
                 if not state.complete:
                     check_ids_in_range(ids, num_embeddings)
                     if state.filled is None or not bool(state.filled[ids].all()):
@@ -94,18 +111,18 @@ class InferenceCache:
                     embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Fill every row now (e.g. before serving); returns the [V, m] table."""
         with self._lock:
-            state = self._current(parameters_fingerprint(params))
+            state = self._current(params)
             if not state.complete:
                 self._fill(state, None, num_embeddings, embed)
             return state.table
 
     # ------------------------------------------------------------------------------ filling
-    def _current(self, fingerprint: tuple) -> _Filled:
+    def _current(self, params: Sequence[torch.Tensor]) -> _Filled:
         """The generation for these parameters (caller holds the lock)."""
         state = self._state
-        if state is None or state.fingerprint != fingerprint:
+        if state is None or not state.fingerprint.matches(params):
             # A new generation; the stale table is freed once no reader holds it.
-            state = self._state = _Filled(fingerprint)
+            state = self._state = _Filled(_Fingerprint(params))
             self.builds += 1
         return state
 

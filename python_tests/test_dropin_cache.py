@@ -84,7 +84,7 @@ def test_lazy_rows_equal_the_live_stack_for_every_id_and_padding():
 
 
 @pytest.mark.parametrize("change", ["in_place", "optimizer", "load_state_dict", "replace", "cast",
-                                    "reset_parameters"])
+                                    "reset_parameters", "data_assign"])
 def test_every_parameter_change_drops_the_cache(change):
     model = small_define().eval()
     ids = torch.tensor([1, 2, 3])
@@ -105,6 +105,8 @@ def test_every_parameter_change_drops_the_cache(change):
         model.hgt.layers[0].weight = torch.nn.Parameter(torch.randn_like(model.hgt.layers[0].weight))
     elif change == "cast":
         model.double()
+    elif change == "data_assign":
+        model.map_weight.data = torch.randn_like(model.map_weight)
     else:
         model.reset_parameters()
     with torch.no_grad():
