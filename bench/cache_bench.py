@@ -11,6 +11,7 @@ lands in bench/results/ (columns of bench/report.py).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -79,14 +80,16 @@ def main(argv=None) -> None:
         print(f"{error}; using Zipf ids")
         ids, corpus = batch_ids(workload, args.tokens, ZIPF), ZIPF
     unique = int(torch.unique(ids).numel())
+    load_before = os.getloadavg()[0]
     samples, first, materialize_s = measure(workload, ids, args.rounds, args.reps)
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
 
     meta = report.metadata(torch.device("cpu"))
     base = dict(meta, workload=workload.name, mode="inference", dtype="float32", tokens=args.tokens,
                 vocab_size=workload.vocab_size, unique_ids=unique, corpus=corpus)
     rows = []
     print(f"{workload.name}, {args.tokens} {corpus} ids ({unique} distinct), {meta['device']}, "
-          f"torch {meta['torch']}; {args.rounds} interleaved rounds")
+          f"torch {meta['torch']}; {args.rounds} interleaved rounds; {load}")
     print(f"{'step':<20} {'median ms':>10} {'p20':>8} {'p80':>8} {'x nn.Embedding':>15}")
     reference = statistics.median(samples["embedding"])
     for name, values in samples.items():
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
         ratio = median / reference
         print(f"{name:<20} {median * 1e3:>10.3f} {p20 * 1e3:>8.3f} {p80 * 1e3:>8.3f} {ratio:>15.3f}")
         provider = name.split(":", 1)[1] if name.startswith("part:") else name
-        note = "part of a served call" if name.startswith("part:") else ""
+        note = ("part of a served call; " if name.startswith("part:") else "") + load
         rows.append(dict(base, provider=provider, metric="time", unit="ms", value=median * 1e3,
                          p20=p20 * 1e3, p80=p80 * 1e3, note=note))
         rows.append(dict(base, provider=provider, metric="x_embedding", unit="x", value=ratio,
