@@ -100,10 +100,8 @@ class InferenceCache:
         if state is None or not state.complete or not state.fingerprint.matches(params):
             with self._lock:
                 state = self._current(params)
-                if not state.complete:
-                    check_ids_in_range(ids, num_embeddings)
-                    if state.filled is None or not bool(state.filled[ids].all()):
-                        self._fill(state, ids, num_embeddings, embed)
+                if not state.complete and not _all_filled(state.filled, ids, num_embeddings):
+                    self._fill(state, ids, num_embeddings, embed)
         # Outside the lock: the rows of a generation never change once marked filled.
         return _gather(state.table, ids, num_embeddings)
 
@@ -152,6 +150,15 @@ class InferenceCache:
             state.complete = state.count == num_embeddings
             self.fills += 1
             self.rows_computed += missing.numel()
+
+
+def _all_filled(filled: Optional[torch.Tensor], ids: torch.Tensor, num_embeddings: int) -> bool:
+    """Whether every id's row is filled; raises IndexError naming a bad id (the check is fused
+    with the lookup of the filled flags, as in `_gather`)."""
+    if filled is None:
+        check_ids_in_range(ids, num_embeddings)
+        return False
+    return bool(_gather(filled, ids, num_embeddings).all())
 
 
 def _gather(table: torch.Tensor, ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:

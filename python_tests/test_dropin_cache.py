@@ -124,10 +124,15 @@ def test_every_parameter_change_drops_the_cache(change):
 def test_bad_ids_are_named_on_the_served_path():
     model = small_define().eval()
     with torch.no_grad():
-        model.materialize_cache()
-        for bad in (50, -1):
-            with pytest.raises(IndexError, match=f"contains {bad}"):
-                model(torch.tensor([1, bad]))
+        for stage in ("empty", "partly filled", "materialized"):
+            if stage == "partly filled":
+                model(torch.tensor([1, 2]))
+            elif stage == "materialized":
+                model.materialize_cache()
+            for bad in (50, -1):
+                with pytest.raises(IndexError, match=f"contains {bad}"):
+                    model(torch.tensor([1, bad]))
+        assert model.cache.rows_computed == 50, "bad batches compute nothing"
         assert model(torch.zeros(0, dtype=torch.long)).shape == (0, 12)
 
 
