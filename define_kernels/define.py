@@ -103,7 +103,6 @@ class DeFINE(nn.Module):
         self.reset_parameters()
 
     from_embedding = classmethod(pretrained.from_embedding)
-    from_embedding.__doc__ = pretrained.from_embedding.__doc__
 
     @property
     def backend(self) -> str:

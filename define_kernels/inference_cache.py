@@ -88,6 +88,17 @@ class InferenceCache:
         state = self._state
         return 0 if state is None else state.count
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles (deepcopy of a model, torch.save of a module) start with an empty
+        # table: it is derived from the parameters, and a lock cannot be pickled.
+        state = dict(self.__dict__)
+        state["_state"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def clear(self) -> None:
         with self._lock:
             self._state = None

@@ -164,3 +164,18 @@ def test_threads_serving_one_module_in_eval_get_the_live_outputs():
     for index, (got, want) in enumerate(zip(results, expected)):
         assert_close(got, want, name=f"batch {index}")
     assert model.cache.builds == 1
+
+
+def test_deepcopy_and_pickled_modules_start_with_an_empty_cache(tmp_path):
+    import copy
+
+    model = small_define().eval()
+    ids = torch.tensor([3, 8])
+    with torch.no_grad():
+        expected = model(ids)
+    torch.save(model, tmp_path / "module.pt")
+    for clone in (copy.deepcopy(model), torch.load(tmp_path / "module.pt", weights_only=False)):
+        assert clone.cache.table is None
+        with torch.no_grad():
+            assert torch.equal(clone(ids), expected)
+        assert clone.cache.table is not None, "the copy fills its own table"
