@@ -22,6 +22,14 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_known_options(owner: str, options: dict, known) -> None:
+    """TypeError naming `owner` and the first keyword it does not take (as Python's own call)."""
+    for name in options:
+        if name not in known:
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {name!r} "
+                            f"(its HGT options are {', '.join(known)})")
+
+
 def check_last_dim(tensor, width: int, argument: str) -> None:
     """ValueError unless `tensor` is a tensor of shape [..., width]."""
     if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0 or tensor.shape[-1] != width:

@@ -1,6 +1,7 @@
 """`DeFINE`: Map -> (in-proj) -> HGT expand/reduce, an nn.Embedding-like module (SPEC §1-3)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -8,12 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .checks import check_ids_dtype, check_ids_in_range, check_positive_int, check_same_device
+from . import checkpoint, ops, pretrained
+from .checks import (check_ids_dtype, check_ids_in_range, check_known_options, check_positive_int,
+                     check_same_device)
 from .config import LN_EPS, HGTConfig
 from .hgt import HGT
 from .inference_cache import InferenceCache
 from .reference import activation
+
+# HGTConfig options DeFINE passes through **hgt_options (the rest it sets itself).
+_HGT_OPTIONS = tuple(f.name for f in dataclasses.fields(HGTConfig)
+                     if f.name not in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups"))
 
 
 def _is_compiling() -> bool:
@@ -41,9 +47,15 @@ class DeFINE(nn.Module):
             nn.Embedding, padding contributes nothing to any gradient).
         dedup: the stack runs once per distinct id in the batch and is gathered back; exact,
             because the output depends only on the id (dropout masks are keyed by id too).
-        cache: in eval mode, outputs come from a materialized [num_embeddings, m] table, rebuilt
-            when any parameter changed or moved; train() never uses it.
-        Under torch.compile, dedup and the cache are skipped (data-dependent shapes / state).
+        cache: in eval mode, when no gradient can be needed (grad disabled, inference mode, or
+            no parameter requires grad), outputs come from a [num_embeddings, m] table filled
+            lazily per id (`materialize_cache()` fills it all) and dropped when any parameter
+            changes or moves; otherwise the live stack runs. train() never uses it.
+        Under torch.compile, dedup and the cache are skipped (data-dependent shapes / state);
+        on the meta device too (no values).
+        device / dtype: factory kwargs as for nn.Embedding (meta: then to_empty + reset_parameters).
+        Checkpoints describe the options that change the function (see checkpoint.py); loading
+        one saved with other options raises ValueError naming them, and zeroes the padding row.
         sparse: the map table's gradient is a sparse tensor over the batch's rows (as
             nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
             then runs outside the fused op.
@@ -63,8 +75,10 @@ class DeFINE(nn.Module):
                  sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
                  in_proj_dropout: float = 0.0, init: str = "spec", zero_padding_output: bool = True,
-                 **hgt_options):
+                 device=None, dtype=None, **hgt_options):
         super().__init__()
+        check_known_options("DeFINE", hgt_options, _HGT_OPTIONS)
+        factory = {"device": device, "dtype": dtype}
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim),
                             ("map_dim", map_dim)):
             check_positive_int(name, value)
@@ -81,20 +95,25 @@ class DeFINE(nn.Module):
         self.zero_padding_output = bool(zero_padding_output)
         self.num_embeddings, self.embedding_dim, self.map_dim = num_embeddings, embedding_dim, map_dim
         self.padding_idx, self.dedup, self.map_dropout = padding_idx, dedup, map_dropout
-        self.sparse = sparse
+        self.sparse, self.in_proj_dim, self.scale_map = sparse, in_proj_dim, scale_map
         self.scale = math.sqrt(map_dim) if scale_map else 1.0
         self.config = HGTConfig(in_proj_dim or map_dim, expand_dim, embedding_dim, depth, max_groups,
                                 **hgt_options)
-        self.map_weight = nn.Parameter(torch.empty(num_embeddings, map_dim))
+        self.map_weight = nn.Parameter(torch.empty(num_embeddings, map_dim, **factory))
         if in_proj_dim is not None:
-            self.in_proj = nn.Linear(map_dim, in_proj_dim)
-            self.in_proj_norm = nn.LayerNorm(in_proj_dim, eps=LN_EPS) if self.config.norm else None
+            self.in_proj = nn.Linear(map_dim, in_proj_dim, **factory)
+            self.in_proj_norm = (nn.LayerNorm(in_proj_dim, eps=LN_EPS, **factory)
+                                 if self.config.norm else None)
         else:
             self.in_proj = self.in_proj_norm = None
-        self.hgt = HGT(self.config, backend, init)
+        self.hgt = HGT(self.config, backend, init, **factory)
         self.use_cache = cache
         self.cache = InferenceCache(cache_chunk_size)
+        self._register_load_state_dict_pre_hook(checkpoint.add_legacy_extra_state)
+        self.register_load_state_dict_post_hook(DeFINE._zero_padding_row_after_load)
         self.reset_parameters()
+
+    from_embedding = classmethod(pretrained.from_embedding)
 
     @property
     def backend(self) -> str:
@@ -102,15 +121,72 @@ class DeFINE(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.map_weight, std=self.map_dim ** -0.5)
+        self._zero_padding_row()
+        if self.in_proj is not None:
+            self.in_proj.reset_parameters()
+            if self.init == "xavier_3d":  # the authors' in-proj init: Xavier weight, zero bias
+                nn.init.xavier_uniform_(self.in_proj.weight)
+                nn.init.zeros_(self.in_proj.bias)
+            if self.in_proj_norm is not None:
+                self.in_proj_norm.reset_parameters()
+        self.hgt.reset_parameters()
+        self.cache.clear()
+
+    def _zero_padding_row(self) -> None:
         if self.padding_idx is not None:
             with torch.no_grad():
                 self.map_weight[self.padding_idx].zero_()
-        for layer in self.hgt.layers:
-            layer.reset_parameters()
-        if self.in_proj is not None and self.init == "xavier_3d":
-            nn.init.xavier_uniform_(self.in_proj.weight)
-            nn.init.zeros_(self.in_proj.bias)
-        self.cache.clear()
+
+    # ------------------------------------------------------------------------------ nn.Embedding parity
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(
+                "DeFINE has no [num_embeddings, embedding_dim] weight: it stores a map table "
+                "`map_weight` [num_embeddings, map_dim] and the HGT stack. Use `map_weight` for the "
+                "table (e.g. to tie an output layer: define_kernels.relatives.TiedOutput), or "
+                "`materialize_cache()` in eval for the [num_embeddings, embedding_dim] output table.")
+        return super().__getattr__(name)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return checkpoint.encode(checkpoint.describe(self))
+
+    def set_extra_state(self, state) -> None:
+        saved = None if state is None else checkpoint.decode(state)
+        if saved is not None:  # None: a checkpoint from before the description, loaded as before
+            checkpoint.check_compatible(saved, checkpoint.describe(self))
+
+    @staticmethod
+    def _zero_padding_row_after_load(module: "DeFINE", incompatible_keys) -> None:
+        # A table saved without padding_idx (or edited) must not leak a non-zero padding row,
+        # which TiedOutput would use as logits.
+        module._zero_padding_row()
+
+    @torch.no_grad()
+    def materialize_cache(self) -> torch.Tensor:
+        """Fill the whole inference table now; returns it ([num_embeddings, embedding_dim])."""
+        return self.cache.materialize(self._parameter_list(), self.num_embeddings, self._embed)
+
+    def _parameter_list(self) -> list:
+        """All parameters, by a plain walk of the module tree (4x cheaper than list(parameters()),
+        which matters on the cache's hot path); the order is stable, as the fingerprint needs."""
+        params, stack = [], [self]
+        while stack:
+            module = stack.pop()
+            params.extend(p for p in module._parameters.values() if p is not None)
+            stack.extend(m for m in module._modules.values() if m is not None)
+        return params
+
+    def _apply(self, fn, *args, **kwargs):
+        self.cache.clear()  # moves and casts (to, half, cuda, to_empty): never serve the old table
+        return super()._apply(fn, *args, **kwargs)
+
+    def _serves_from_cache(self, ids: torch.Tensor) -> bool:
+        """The cache only when no gradient can be needed: eval and (grad off or frozen params)."""
+        if self.training or not self.use_cache or ids.numel() == 0 or ids.device.type == "meta":
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(p.requires_grad for p in self.parameters())
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -119,11 +195,9 @@ class DeFINE(nn.Module):
         flat = ids.reshape(-1)
         if _is_compiling():
             y = self._embed(flat)
-        elif not self.training and self.use_cache:
-            check_ids_in_range(flat, self.num_embeddings)
-            table = self.cache.get(list(self.parameters()), self.num_embeddings, self._embed)
-            y = F.embedding(flat, table)
-        elif self.dedup and flat.numel() > 0:
+        elif self._serves_from_cache(flat):
+            y = self.cache.lookup(flat, self._parameter_list(), self.num_embeddings, self._embed)
+        elif self.dedup and flat.numel() > 0 and flat.device.type != "meta":
             unique, inverse = torch.unique(flat, return_inverse=True)  # range checked in _embed / the op
             y = self._embed(unique)[inverse]
         else:

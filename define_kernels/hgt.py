@@ -11,6 +11,7 @@ from . import ops
 from .backends import check_backend_name
 from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
+from .seed import draw_seed
 
 # "spec": Xavier per group (docs/math.md); "xavier_3d": the authors' torch xavier_uniform_ over
 # the whole [g, a/g, w/g] weight of a g > 1 layer (fan_in (a/g)(w/g), fan_out w); g = 1 layers
@@ -27,16 +28,17 @@ def check_init(init: str) -> str:
 class HGTLayer(nn.Module):
     """Parameters of one grouped layer: weight [g, a/g, w/g], bias [g, w/g], norm [w/g]."""
 
-    def __init__(self, spec: LayerSpec, has_norm: bool, init: str = "spec"):
+    def __init__(self, spec: LayerSpec, has_norm: bool, init: str = "spec", *, device=None, dtype=None):
         super().__init__()
         g = spec.groups
+        factory = {"device": device, "dtype": dtype}
         self.spec = spec
         self.init = check_init(init)
-        self.weight = nn.Parameter(torch.empty(g, spec.in_features // g, spec.out_features // g))
-        self.bias = nn.Parameter(torch.empty(g, spec.out_features // g))
+        self.weight = nn.Parameter(torch.empty(g, spec.in_features // g, spec.out_features // g, **factory))
+        self.bias = nn.Parameter(torch.empty(g, spec.out_features // g, **factory))
         if has_norm:
-            self.norm_weight = nn.Parameter(torch.empty(spec.out_features // g))
-            self.norm_bias = nn.Parameter(torch.empty(spec.out_features // g))
+            self.norm_weight = nn.Parameter(torch.empty(spec.out_features // g, **factory))
+            self.norm_bias = nn.Parameter(torch.empty(spec.out_features // g, **factory))
         else:
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
@@ -70,25 +72,32 @@ class HGT(nn.Module):
         layers.{l}.norm_weight  [w/g]  (norm="layernorm" and, for reduce, reduce_norm)
         layers.{l}.norm_bias    [w/g]
     with (a, w, g) = config.layers[l] (in_features, out_features, groups). `init` is "spec"
-    or "xavier_3d" (the authors' init, see INITS).
+    or "xavier_3d" (the authors' init, see INITS); `device` / `dtype` are factory kwargs, as for
+    nn.Linear.
     """
 
-    def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec"):
+    def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec", *,
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(config, HGTConfig):
             raise ValueError(f"config must be an HGTConfig, got {type(config).__name__}")
         self.config = config
         self.backend = check_backend_name(backend)
         self.layers = nn.ModuleList(
-            HGTLayer(spec, config.layer_has_norm(index), init) for index, spec in enumerate(config.layers))
+            HGTLayer(spec, config.layer_has_norm(index), init, device=device, dtype=dtype)
+            for index, spec in enumerate(config.layers))
         self.register_load_state_dict_pre_hook(_check_cycle_layout)
+
+    def reset_parameters(self) -> None:
+        for layer in self.layers:
+            layer.reset_parameters()
 
     def op_params(self) -> List[torch.Tensor]:
         """The flat parameter list in the op's order (config.param_shapes())."""
         return [param for layer in self.layers for param in layer.op_params()]
 
     def dropout_seed(self) -> Optional[torch.Tensor]:
-        return ops.draw_seed() if self.training and self.config.dropout > 0 else None
+        return draw_seed() if self.training and self.config.dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_last_dim(x, self.config.in_dim, "x")

@@ -96,6 +96,4 @@ def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
     return hgt_forward(x, ids, list(params), config.key, float(scale), seed, backend)
 
 
-def draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default generator, so torch.manual_seed makes runs repeatable."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+from .seed import draw_seed  # noqa: E402,F401  (kept here for callers of ops.draw_seed)

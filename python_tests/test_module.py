@@ -119,17 +119,23 @@ def test_sparse_gradient_touches_only_batch_rows():
     assert grad.is_sparse and set(grad.indices()[0].tolist()) == {4, 9}
 
 
+@torch.no_grad()
+def served(model, ids):
+    """The module's output where the cache may serve (no gradient can be needed)."""
+    return model(ids)
+
+
 def test_cache_matches_live_forward_and_is_invalidated_after_optimizer_step():
     model = randomize(small_define(padding_idx=0))
     ids = zipf_ids((5, 6))
     model.eval()
-    cached = model(ids)
+    cached = served(model, ids)
     assert model.cache.builds == 1
     model.use_cache = False
-    assert_close(cached, model(ids), name="cached vs live")
+    assert_close(cached, served(model, ids), name="cached vs live")
     model.use_cache = True
-    model(ids)
-    assert model.cache.builds == 1, "unchanged parameters must not rebuild"
+    served(model, ids)
+    assert model.cache.builds == 1 and model.cache.fills == 1, "unchanged parameters must not refill"
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -137,31 +143,33 @@ def test_cache_matches_live_forward_and_is_invalidated_after_optimizer_step():
     optimizer.step()
     assert model.cache.builds == 1, "train() never uses or builds the cache"
     model.eval()
-    refreshed = model(ids)
+    refreshed = served(model, ids)
     assert model.cache.builds == 2
     model.use_cache = False
-    assert_close(refreshed, model(ids), name="after optimizer step")
+    assert_close(refreshed, served(model, ids), name="after optimizer step")
     assert not torch.allclose(refreshed, cached)
 
 
 def test_cache_rebuilds_after_load_state_dict_and_dtype_move():
     model = small_define().eval()
     ids = zipf_ids((8,))
-    model(ids)
+    served(model, ids)
     model.load_state_dict(randomize(small_define()).state_dict())
-    model(ids)
+    served(model, ids)
     assert model.cache.builds == 2
-    y = model.double()(ids)
+    y = served(model.double(), ids)
     assert model.cache.builds == 3 and y.dtype == torch.float64
 
 
-def test_cache_is_built_in_bounded_chunks():
+def test_cache_fills_lazily_and_materializes_in_bounded_chunks():
     model = small_define(cache_chunk_size=7).eval()
     calls = []
     original = model._embed
     model._embed = lambda ids: calls.append(ids.numel()) or original(ids)
-    model(torch.tensor([1, 2]))
-    assert max(calls) == 7 and sum(calls) == 50
+    served(model, torch.tensor([1, 2, 2]))
+    assert calls == [2], "the first call computes only its distinct ids"
+    table = model.materialize_cache()
+    assert max(calls) == 7 and sum(calls) == 50 and table.shape == (50, 12)
 
 
 def test_empty_batch_returns_empty_result():
