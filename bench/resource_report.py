@@ -140,9 +140,10 @@ def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
 
 
 def triton_rows(workloads: Iterable[str], dtypes: Iterable[str], all_configs_for: Iterable[str],
-                backward: bool = True) -> List[Row]:
+                backward_for: Iterable[str] = tuple(DTYPES)) -> List[Row]:
     """Forward: every autotune config for the dtypes in all_configs_for, the pinned deterministic
-    tiles for the others; backward: the fixed tiles of every layer (identical shapes once)."""
+    tiles for the others; backward (dtypes in backward_for): the fixed tiles of every layer
+    (identical shapes compiled once)."""
     from define_kernels.backends import triton_hgt
     from define_kernels.backends.triton_kernels.backward import (epilogue_backward_kernel,
                                                                  input_grad_kernel, weight_grad_kernel)
@@ -172,7 +173,7 @@ def triton_rows(workloads: Iterable[str], dtypes: Iterable[str], all_configs_for
                 label = f"T{tile['BLOCK_T']}xN{tile['BLOCK_N']}xK{tile['BLOCK_K']} w{warps} s{stages}"
                 rows.append(_triton_row(compiled, "hgt_forward", name, dtype, label, warps, True,
                                         scratch, time.perf_counter() - started))
-            if backward:
+            if dtype in backward_for:
                 rows += _triton_backward_rows(config, name, dtype, t, precision, seen,
                                               (epilogue_backward_kernel, weight_grad_kernel, input_grad_kernel))
     return rows
@@ -336,7 +337,8 @@ def main(argv=None) -> int:
                         help="dtypes whose forward is compiled for every autotune config (the others: "
                              "the pinned deterministic tiles)")
     parser.add_argument("--backends", default="triton,cuda")
-    parser.add_argument("--no-backward", action="store_true", help="Triton forward kernel only")
+    parser.add_argument("--backward-for", default="bfloat16,float16,float32",
+                        help="dtypes whose Triton backward kernels are compiled ('' for none)")
     parser.add_argument("--out", default=os.environ.get("DEFINE_RESULTS_DIR", str(Path(__file__).parent / "results")))
     parser.add_argument("--stem", default=None, help="file name stem (default resource_<date>_<commit>)")
     parser.add_argument("--gate", action="store_true", help="exit 1 when the gate fails")
@@ -353,7 +355,8 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         started = time.perf_counter()
         if backend == "triton":
-            rows += triton_rows(workloads, dtypes, args.all_configs_for.split(","), not args.no_backward)
+            rows += triton_rows(workloads, dtypes, args.all_configs_for.split(","),
+                                args.backward_for.split(","))
         elif backend == "cuda":
             rows += cuda_rows(workloads, dtypes)
         else:

@@ -113,16 +113,20 @@ def find_toolkit() -> Toolkit:
     import torch
     if not torch.version.cuda:
         return Toolkit(None, None, None, "torch was built without CUDA")
-    roots = candidate_roots()
+    return locate(torch.version.cuda)
+
+
+def locate(torch_cuda: str) -> Toolkit:
+    """The first complete root of candidate_roots() whose nvcc matches torch's CUDA major version."""
     problems = []
-    for root in roots:
+    for root in candidate_roots():
         missing = missing_parts(root)
         if not missing:
             nvcc = str(root / "bin" / "nvcc")
             version = nvcc_version(nvcc)
-            if version and version.split(".")[0] != torch.version.cuda.split(".")[0]:
+            if version and version.split(".")[0] != torch_cuda.split(".")[0]:
                 problems.append(f"{root}: nvcc {version}, but torch was built with CUDA "
-                                f"{torch.version.cuda} (major versions must match)")
+                                f"{torch_cuda} (major versions must match)")
                 continue
             return Toolkit(str(root), nvcc, version, None)
         if (root / "bin" / "nvcc").exists() or (root / "include").is_dir():
