@@ -29,7 +29,8 @@ stage "venv with $SPEC"
 if [[ ! -x "$PY" ]] || ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    "$PY" -m pip install --quiet "$SPEC" ninja numpy pytest
+    # (pip's notes about unreadable mirror locations are dropped; errors still show)
+    "$PY" -m pip install --quiet "$SPEC" ninja numpy pytest 2>&1 | { grep -v "is ignored: it is neither" || true; }
 fi
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__)'
 done_stage "venv"

@@ -139,6 +139,35 @@ def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
     return tokens * (layout["z_width"] * 4 + layout["h_width"] * DTYPES[dtype][1])
 
 
+def triton_rows_parallel(workloads: List[str], dtypes, all_configs_for, backward_for, jobs: int) -> List[Row]:
+    """triton_rows over the workloads with distinct stacks, `jobs` processes at a time; a workload
+    whose HGTConfig equals an earlier one (wt2-small = wt103-base) reuses its rows, with its own
+    token count in the scratch column."""
+    from concurrent.futures import ProcessPoolExecutor
+    by_config: Dict[object, List[str]] = {}
+    for name in workloads:
+        by_config.setdefault(WORKLOADS[name].config(), []).append(name)
+    firsts = [names[0] for names in by_config.values()]
+    args = [([name], list(dtypes), list(all_configs_for), list(backward_for)) for name in firsts]
+    if jobs > 1 and len(firsts) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            computed = list(pool.map(_triton_rows_star, args))
+    else:
+        computed = [_triton_rows_star(a) for a in args]
+    rows = []
+    for names, first_rows in zip(by_config.values(), computed):
+        for name in names:
+            for row in first_rows:
+                scratch = row.scratch_bytes and triton_forward_scratch(
+                    WORKLOADS[name].config(), row.dtype, WORKLOADS[name].tokens_per_batch)
+                rows.append(dataclasses.replace(row, workload=name, scratch_bytes=scratch))
+    return rows
+
+
+def _triton_rows_star(args) -> List[Row]:
+    return triton_rows(*args)
+
+
 def triton_rows(workloads: Iterable[str], dtypes: Iterable[str], all_configs_for: Iterable[str],
                 backward_for: Iterable[str] = tuple(DTYPES)) -> List[Row]:
     """Forward: every autotune config for the dtypes in all_configs_for, the pinned deterministic
@@ -342,6 +371,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("DEFINE_RESULTS_DIR", str(Path(__file__).parent / "results")))
     parser.add_argument("--stem", default=None, help="file name stem (default resource_<date>_<commit>)")
     parser.add_argument("--gate", action="store_true", help="exit 1 when the gate fails")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes compiling Triton kernels (one workload each)")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     for name in workloads:
@@ -355,8 +386,8 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         started = time.perf_counter()
         if backend == "triton":
-            rows += triton_rows(workloads, dtypes, args.all_configs_for.split(","),
-                                args.backward_for.split(","))
+            rows += triton_rows_parallel(workloads, dtypes, args.all_configs_for.split(","),
+                                         args.backward_for.split(","), args.jobs)
         elif backend == "cuda":
             rows += cuda_rows(workloads, dtypes)
         else:
