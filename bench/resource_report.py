@@ -126,6 +126,8 @@ def _compile_triton(kernel, types: dict, constexprs: dict, num_warps: int, num_s
 
 def _triton_row(compiled, kernel_name, workload, dtype, config, num_warps, is_gemm, scratch, seconds):
     resources = next(iter(cubin_resources(compiled.asm["cubin"]).values()))
+    print(f"  triton {kernel_name} {workload} {dtype} {config}: {resources['registers']} regs, "
+          f"{seconds:.1f} s", flush=True)  # progress: a CI log shows where the time goes
     return Row("triton", kernel_name, workload, dtype, config, 32 * num_warps, resources["registers"],
                resources["spill_bytes"], int(compiled.metadata.shared) + resources["static_smem"],
                tensor_core=tensor_core_kind(compiled.asm["ptx"]), is_gemm=is_gemm,
@@ -355,6 +357,27 @@ def write(rows: List[Row], out_dir: Path, stem: str) -> List[Path]:
     lines += [f"- {failure}" for failure in failures]
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]
+
+
+def summary_table(rows: List[dict], workload: str = "wt103-base", dtype: str = "bfloat16") -> str:
+    """The README's table: one workload and dtype, backward layers folded into their worst row
+    (most spilled bytes, then most registers). `rows` as read back from the CSV."""
+    picked: Dict[tuple, dict] = {}
+    for row in rows:
+        if row["workload"] != workload or row["dtype"] not in (dtype, "any"):
+            continue
+        key = (row["backend"], row["kernel"].split(" L")[0], row["config"])
+        rank = (int(row["spill_bytes"]), int(row["registers"]))
+        if key not in picked or rank > (int(picked[key]["spill_bytes"]), int(picked[key]["registers"])):
+            picked[key] = row
+    lines = ["| backend | kernel | config | regs | spill B | smem KB | CTAs/SM | occupancy | tensor cores "
+             "| fwd scratch MiB |", "|" + "---|" * 10]
+    for (backend, kernel, config), r in picked.items():
+        lines.append(f"| {backend} | {kernel}{' (worst layer)' if ' L' in r['kernel'] else ''} | {config} | "
+                     f"{r['registers']} | {r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | "
+                     f"{r['blocks_per_sm']} | {float(r['occupancy']):.0%} | {r['tensor_core']} | "
+                     f"{int(r['scratch_bytes']) / 2**20:.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
