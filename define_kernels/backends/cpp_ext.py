@@ -6,8 +6,9 @@ the first of:
   1. `DEFINE_KERNELS_LIB=<path.so>`: a library built by CMakeLists.txt;
   2. `define_kernels._C`: built ahead of time by `DEFINE_KERNELS_BUILD_EXT=1 pip install .`;
   3. a JIT build of the package's csrc/ with torch.utils.cpp_extension (ninja, cached in the torch
-     extensions dir, guarded by its lock file), CUDA sources only when torch has CUDA and nvcc
-     exists. `DEFINE_KERNELS_NO_JIT=1` disables it, `DEFINE_KERNELS_VERBOSE_BUILD=1` shows the
+     extensions dir, guarded by its lock file), CUDA sources only when torch has CUDA and
+     cuda_toolkit.py finds a complete toolkit (which is then what cpp_extension compiles with),
+     for the archs of cuda_toolkit.cuda_arch_list(). One log line when it starts, one when it ends. `DEFINE_KERNELS_NO_JIT=1` disables it, `DEFINE_KERNELS_VERBOSE_BUILD=1` shows the
      compiler output, `DEFINE_KERNELS_CSRC=<dir>` builds another source tree (development).
 Loading happens on first use (the first op call that asks these backends, or
 `python -m define_kernels.build`). A failure warns once, naming the cause, and the backends
