@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench bench-suite lm-quick gpu-check clean
+.PHONY: venv test bench bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,23 @@ bench-suite: $(STAMP)
 lm-quick: $(STAMP)
 	$(PY) -m bench.lm.train --quick
 
-# GPU machine: full CUDA/Triton test matrix + GPU benchmark rows into bench/results/
+# GPU machine (torch + triton only, no network): build, correctness, memcheck, headline bench in
+# <= 8 minutes with a budget per stage; results and summary in bench/results/ (or DEFINE_RESULTS_DIR).
+GPU_PYTHON ?= python3
 gpu-check:
-	bash bench/gpu_check.sh
+	$(GPU_PYTHON) -m bench.gpu_check
+
+# CPU: the same stages' plumbing at tiny sizes (CI), results in a temporary directory
+gpu-check-dry-run: $(STAMP)
+	$(PY) -m bench.gpu_check --dry-run --out "$$(mktemp -d)"
+
+# No GPU needed: a CUDA torch venv (.venv-cuda), JIT + CMake CUDA builds, sm_90a resource gate
+cuda-build-check:
+	bash .ci/cuda_build_check.sh
+
+# Compile-time registers / spills / smem / occupancy / wgmma / scratch (needs a CUDA torch)
+resource-report:
+	$(or $(wildcard .venv-cuda/bin/python),$(GPU_PYTHON)) -m bench.resource_report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-cuda build *.egg-info

@@ -1,9 +1,13 @@
 """Packaging: pure-Python install; csrc/ ships inside the package for the JIT build (ninja).
 
-`pip install .` / `pip install -e .`; extras [test] and [bench].
+`pip install .` / `pip install -e .`; extras [triton] (the Triton backend; CUDA builds of torch
+already bring triton, so only CPU installs that want the interpreter tests need it), [test]
+(includes triton) and [bench].
 `DEFINE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .` also builds the C++ extension
-ahead of time as define_kernels._C (CUDA sources too when torch has CUDA and CUDA_HOME is set;
-DEBUG=1 for -O0 -g); it needs torch installed first.
+ahead of time as define_kernels._C (CUDA sources too when torch has CUDA and a complete CUDA
+toolkit is found, through a wrapper nvcc too: define_kernels/backends/cuda_toolkit.py; archs from
+TORCH_CUDA_ARCH_LIST, default 9.0;8.0 without a visible GPU; DEBUG=1 for -O0 -g); it needs torch
+installed first.
 """
 import glob
 import os
@@ -12,6 +16,17 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
+
+
+def _load_toolkit_module():
+    """define_kernels/backends/cuda_toolkit.py by path: importing the package here would import
+    all of it (and its backends) before it is installed."""
+    import importlib.util
+    path = os.path.join(HERE, "define_kernels", "backends", "cuda_toolkit.py")
+    spec = importlib.util.spec_from_file_location("_dk_cuda_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_options() -> dict:
@@ -26,7 +41,11 @@ def extension_options() -> dict:
     sources = [os.path.join(CSRC, "define_ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     kwargs = dict(include_dirs=[os.path.join(CSRC, "include")], extra_link_args=["-fopenmp"],
                   extra_compile_args={"cxx": cxx_flags})
-    if torch.version.cuda and cpp_extension.CUDA_HOME:
+    cuda_toolkit = _load_toolkit_module()
+    toolkit = cuda_toolkit.find_toolkit()
+    if toolkit.root:
+        cuda_toolkit.use_toolkit(toolkit)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_toolkit.cuda_arch_list()
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
         kwargs["extra_compile_args"]["nvcc"] = ["-O0", "-g"] if debug else ["-O3"]
@@ -55,10 +74,10 @@ setup(
         "torch>=2.6",
         "ninja",
         "numpy",  # torch warns on import without it
-        'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy"],
+        "triton": ['triton; platform_system == "Linux"'],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", 'triton; platform_system == "Linux"'],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
     },
     **extension_options(),

@@ -4,7 +4,7 @@ import platform
 import torch
 
 from . import __version__
-from .backends import backend_status, backends_by_priority, get_backend
+from .backends import backend_status, backends_by_priority, cuda_toolkit, get_backend
 
 
 def _triton_version() -> str:
@@ -22,6 +22,7 @@ def report() -> str:
         f"torch          {torch.__version__} (CUDA {torch.version.cuda}, "
         f"GPU available: {torch.cuda.is_available()})",
         f"triton         {_triton_version()}",
+        f"CUDA toolkit   {cuda_toolkit.describe()}",
         f"default backend: {get_backend()}",
         "backends (by priority):",
     ]

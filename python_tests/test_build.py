@@ -3,6 +3,7 @@ DEFINE_KERNELS_NO_JIT switch, two processes building into one fresh cache at onc
 `define_kernels.build` command, and the CMake build. Fresh builds run in subprocesses (a
 TORCH_LIBRARY namespace can be defined once per process) with one compile job each."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,37 @@ def test_build_command_reports_the_library():
                             text=True, timeout=600, env={**os.environ, "MAX_JOBS": "1"})
     assert_ok(result)
     assert "define_kernels_C loaded from" in result.stdout
+    assert "CUDA toolkit:" in result.stdout and "CUDA sources:" in result.stdout
+    assert "ready after" in result.stderr
+
+
+def test_require_cuda_fails_on_a_cpu_only_library():
+    if __import__("torch").version.cuda:
+        pytest.skip("a CUDA torch: the CUDA build check (.ci/cuda_build_check.sh) covers --require-cuda")
+    result = run_python("import sys; from define_kernels.build import main; sys.exit(main(['--require-cuda']))",
+                        {cpp_ext.ENV_NO_JIT: "0"})
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "torch was built without CUDA" in result.stdout
+
+
+BLOCK_TRITON = textwrap.dedent("""
+    import sys
+    sys.modules["triton"] = None  # as if not installed: find_spec -> None, import -> ImportError
+    import torch
+    import define_kernels as dk
+    from define_kernels import backends
+    print("STATUS", dict(backends.backend_status())["triton"])
+    embed = dk.DeFINE(50, 8, map_dim=8, expand_dim=16, depth=2, max_groups=2)
+    print("OUT", tuple(embed(torch.randint(0, 50, (3, 4))).shape))
+""")
+
+
+def test_package_works_without_triton():
+    result = run_python(BLOCK_TRITON, {cpp_ext.ENV_NO_JIT: "1"})
+    assert_ok(result)
+    assert "OUT (3, 4, 8)" in result.stdout, result.stdout
+    status = next(line for line in result.stdout.splitlines() if line.startswith("STATUS"))
+    assert "triton" in status and ("not installed" in status or "import failed" in status), status
 
 
 def test_failed_build_warns_once_and_falls_back(tmp_path):
@@ -108,6 +140,10 @@ def test_two_processes_build_into_one_fresh_cache(tmp_path):
         assert process.returncode == 0, f"{stdout}\n{stderr[-4000:]}"
         assert "WARNINGS 0" in stdout and "CPP_AVAILABLE True" in stdout, stdout
         assert "source='jit:" in stdout
+        # one line when the first-use build starts, one when it ends with its time (no logging
+        # configured in the child: the lines still reach stderr)
+        assert "define_kernels: building or loading define_kernels_C" in stderr, stderr[-2000:]
+        assert re.search(r"define_kernels_C ready after \d+\.\d s", stderr), stderr[-2000:]
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -6,8 +6,9 @@ the first of:
   1. `DEFINE_KERNELS_LIB=<path.so>`: a library built by CMakeLists.txt;
   2. `define_kernels._C`: built ahead of time by `DEFINE_KERNELS_BUILD_EXT=1 pip install .`;
   3. a JIT build of the package's csrc/ with torch.utils.cpp_extension (ninja, cached in the torch
-     extensions dir, guarded by its lock file), CUDA sources only when torch has CUDA and nvcc
-     exists. `DEFINE_KERNELS_NO_JIT=1` disables it, `DEFINE_KERNELS_VERBOSE_BUILD=1` shows the
+     extensions dir, guarded by its lock file), CUDA sources only when torch has CUDA and
+     cuda_toolkit.py finds a complete toolkit (which is then what cpp_extension compiles with),
+     for the archs of cuda_toolkit.cuda_arch_list(). One log line when it starts, one when it ends. `DEFINE_KERNELS_NO_JIT=1` disables it, `DEFINE_KERNELS_VERBOSE_BUILD=1` shows the
      compiler output, `DEFINE_KERNELS_CSRC=<dir>` builds another source tree (development).
 Loading happens on first use (the first op call that asks these backends, or
 `python -m define_kernels.build`). A failure warns once, naming the cause, and the backends
@@ -20,6 +21,7 @@ import importlib
 import logging
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
@@ -27,9 +29,23 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from ..config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_X, HGTConfig
-from . import Backend, register_backend
+from . import Backend, cuda_toolkit, register_backend
 
 logger = logging.getLogger(__name__)
+# The two first-use build lines go to this logger. A library does not configure logging, but a
+# silent 15-60 s pause is worse: when the application has set up no logging at all, these two
+# INFO lines alone go to stderr; with any logging configuration, its handlers decide.
+build_logger = logging.getLogger("define_kernels.build")
+
+
+def _log_build(message: str, *args) -> None:
+    if not build_logger.hasHandlers():  # no handler here, on an ancestor or on the root
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        build_logger.addHandler(handler)
+        build_logger.setLevel(logging.INFO)
+        build_logger.propagate = False
+    build_logger.info(message, *args)
 
 EXT_NAME = "define_kernels_C"
 ENV_LIB = "DEFINE_KERNELS_LIB"
@@ -80,13 +96,13 @@ def csrc_dir() -> Path:
 
 
 def cuda_build_reason() -> Optional[str]:
-    """Why the CUDA sources are left out of the JIT build, or None when they are compiled."""
-    from torch.utils import cpp_extension
-    if not torch.version.cuda:
-        return "torch was built without CUDA"
-    if not cpp_extension.CUDA_HOME or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
-        return "nvcc not found (set CUDA_HOME)"
-    return None
+    """Why the CUDA sources are left out of the JIT build, or None when they are compiled:
+    torch without CUDA, or no complete toolkit (nvcc + include/cuda_runtime.h + libcudart, found
+    through wrapper scripts too, see cuda_toolkit.py)."""
+    return cuda_toolkit.find_toolkit().reason
+
+
+cuda_arch_list = cuda_toolkit.cuda_arch_list  # re-exported: the build's arch list
 
 
 def sources(csrc: Path, with_cuda: bool) -> List[str]:
@@ -97,11 +113,18 @@ def sources(csrc: Path, with_cuda: bool) -> List[str]:
 
 
 def jit_build(verbose: bool = False) -> str:
-    """Builds (or finds up to date in the cache) and loads the library; returns its path."""
+    """Builds (or finds up to date in the cache) and loads the library; returns its path.
+    Logs one line when the build starts and one when it ends, with the time it took."""
     from torch.utils import cpp_extension
     csrc = csrc_dir()
     with_cuda = cuda_build_reason() is None and any((csrc / "cuda").glob("*.cu"))
-    return cpp_extension.load(
+    if with_cuda:
+        cuda_toolkit.use_toolkit()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    _log_build("define_kernels: building or loading %s (%s; first use compiles for 15-60 s)",
+                EXT_NAME, f"CPU + CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "CPU only")
+    started = time.perf_counter()
+    path = cpp_extension.load(
         name=EXT_NAME,
         sources=sources(csrc, with_cuda),
         extra_include_paths=[str(csrc / "include")],
@@ -112,6 +135,8 @@ def jit_build(verbose: bool = False) -> str:
         is_python_module=False,
         verbose=verbose,
     )
+    _log_build("define_kernels: %s ready after %.1f s (%s)", EXT_NAME, time.perf_counter() - started, path)
+    return path
 
 
 # ----------------------------------------------------------------------------- loading
@@ -142,9 +167,10 @@ def _failed(cause: str) -> LoadState:
 
 def _build_error_summary(text: str, limit: int = 1500) -> str:
     """The compiler's error lines when there are any (the full log is long), else the tail."""
-    errors = [line.strip() for line in text.splitlines() if "error:" in line or "#error" in line]
-    text = text.splitlines()[0].split(":")[0] + ": " + " | ".join(errors[:6]) if errors else text.strip()
-    return text if len(text) <= limit else "..." + text[-limit:]
+    lines = text.splitlines()
+    errors = [line.strip() for line in lines if "error:" in line or "#error" in line]
+    text = lines[0].split(":")[0] + ": " + " | ".join(errors[:6]) if errors else text.strip()
+    return (text if len(text) <= limit else "..." + text[-limit:]) or "(no message)"
 
 
 def _load() -> LoadState:

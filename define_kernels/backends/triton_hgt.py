@@ -86,7 +86,8 @@ def _priority() -> int:
 @functools.lru_cache(maxsize=1)
 def _triton_import_error() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
-        return "triton not installed"
+        return ("triton not installed (CUDA builds of torch bring it; on CPU: pip install "
+                "'define-kernels[triton]' for the interpreter)")
     try:
         import triton  # noqa: F401
         from .triton_kernels import backward, forward  # noqa: F401
