@@ -60,6 +60,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "expecttest", "numpy"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
+        "hf": ["transformers"],  # define_kernels.integrations.transformers
     },
     **extension_options(),
 )

@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "DeFINE", "HGT", "HGTConfig", "LayerSpec", "available_backends",
-    "get_backend", "hgt", "ops", "relatives", "set_backend", "__version__",
+    "get_backend", "hgt", "integrations", "ops", "relatives", "set_backend", "__version__",
 ]
