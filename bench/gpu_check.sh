@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (`make gpu-check`): set-up, the full test suite on CUDA,
-# compute-sanitizer memcheck on the CUDA tests, and the bf16 GPU benchmark sweep (SPEC §6
+# compute-sanitizer memcheck on the CUDA tests, and the bf16 GPU benchmark sweep (docs/math.md §5
 # wt103-base / wt103-wide / wt103-deep, every provider side by side, dense bf16 matmul rate).
 # Everything lands in bench/results/ as <date>_<device>_<commit>_*.{log,xml,csv,png}.
 #

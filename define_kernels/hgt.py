@@ -31,7 +31,7 @@ class HGTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SPEC §2 init: Xavier-uniform per group (fan_in a/g, fan_out w/g), zero bias, LN (1, 0)."""
+        """docs/math.md §2 init: Xavier-uniform per group (fan_in a/g, fan_out w/g), zero bias, LN (1, 0)."""
         fan_in, fan_out = self.weight.shape[1:]
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         nn.init.uniform_(self.weight, -bound, bound)
@@ -46,7 +46,7 @@ class HGTLayer(nn.Module):
 
 
 class HGT(nn.Module):
-    """HGT stack of SPEC §2 over x [*, in_dim] -> [*, out_dim].
+    """HGT stack of docs/math.md §2 over x [*, in_dim] -> [*, out_dim].
 
     Parameters, per layer l (0-based; the last one is the reduce layer):
         layers.{l}.weight       [g, a/g, w/g]

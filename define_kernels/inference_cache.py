@@ -1,4 +1,4 @@
-"""A materialized V x m output table for a context-free embedding in eval mode (SPEC §3)."""
+"""A materialized V x m output table for a context-free embedding in eval mode (docs/math.md §3)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
