@@ -105,6 +105,16 @@ def test_training_lowers_the_loss_and_reaches_define_parameters(family, tie):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+    padding = model.get_input_embeddings().padding_idx
+    if padding is not None:  # Llama: the tied head must not train the padding row either
+        assert torch.count_nonzero(model.get_input_embeddings().map_weight[padding]) == 0
+
+
+def test_tied_head_reads_the_padding_row_as_zero():
+    model, _ = converted("llama")
+    with torch.no_grad():  # even a non-zero padding row (e.g. set by hand) gives the pad logit 0
+        model.get_input_embeddings().map_weight[0].fill_(1.0)
+    assert torch.count_nonzero(logits(model, batch())[..., 0]) == 0
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -138,6 +148,9 @@ def test_save_and_from_pretrained_give_identical_logits(family, tie, tmp_path):
     assert torch.equal(logits(loaded, ids), expected)
     concrete = hf.from_pretrained(tmp_path, type(model))  # a concrete class works as well
     assert torch.equal(logits(concrete, ids), expected)
+    model.save_pretrained(tmp_path / "shards", max_shard_size="100KB")  # several files + index
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    assert torch.equal(logits(hf.from_pretrained(tmp_path / "shards"), ids), expected)
 
 
 def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):

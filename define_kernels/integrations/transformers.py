@@ -10,7 +10,7 @@
 `use_define` works on a `PreTrainedModel` with input embeddings (GPT-2, Llama and other decoder
 families). It replaces the input embeddings by a `DeFINE` of the same vocabulary and width and,
 by default, the output head by a `TiedOutput`: logits = (h P) E^T with E the DeFINE map table and
-P a bias-free m -> n projection (docs/math.md §4). `tie="none"` keeps the model's own head as an
+P a bias-free m -> n projection (docs/math.md §4), the padding row read as zero. `tie="none"` keeps the model's own head as an
 untied [V, H] matrix instead. The model's tying config is switched off (the head reads the map
 table itself), so `tie_weights()` is a no-op, and `resize_token_embeddings` is replaced on the
 instance by one that grows or shrinks the map table (and the head). The settings are written to
@@ -29,6 +29,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -40,6 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "extra: pip install 'define-kernels[hf]' (or pip install transformers)") from error
 
 from ..define import DeFINE
+from ..relatives._checks import check_hidden
 from ..relatives.tied import TiedOutput
 
 logger = logging.getLogger(__name__)
@@ -152,12 +154,30 @@ def use_define(model, *, map_dim: int = 128, expand_dim: int = 1024, depth: int 
     return report
 
 
+class PaddedTiedOutput(TiedOutput):
+    """TiedOutput that reads the map table with the padding row as zero.
+
+    DeFINE promises that the padding row stays zero and is never updated; a head tied to the
+    table would otherwise train that row through the logits (the input side stops only its own
+    gradient). The padding word's logit is then its bias (zero without one).
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        padding_idx = self._owner[0].padding_idx
+        if padding_idx is None:
+            return super().forward(h)
+        table = self.table
+        check_hidden(h, self.hidden_dim, table.dtype)
+        table = table.index_fill(0, torch.tensor([padding_idx], device=table.device), 0.0)
+        return F.linear(self.proj(h), table, self.bias)
+
+
 def _tie_head(model, embedding: DeFINE, head_bias: bool) -> None:
     old_head = model.get_output_embeddings()
     if old_head is None:
         raise ValueError(f"{type(model).__name__} has no output head to tie; use tie='none'")
     hidden = getattr(old_head, "in_features", None) or embedding.embedding_dim
-    head = TiedOutput(embedding, hidden, bias=head_bias)
+    head = PaddedTiedOutput(embedding, hidden, bias=head_bias)
     head.to(device=embedding.map_weight.device, dtype=embedding.map_weight.dtype)
     _replace_module(model, old_head, head)
 
@@ -281,5 +301,5 @@ def _read_state_dict(path) -> dict:
     return state
 
 
-__all__ = ["CONFIG_KEY", "ConversionReport", "count_parameters", "define_embedding", "from_pretrained",
+__all__ = ["CONFIG_KEY", "ConversionReport", "PaddedTiedOutput", "count_parameters", "define_embedding", "from_pretrained",
            "resize_token_embeddings", "use_define"]
