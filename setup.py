@@ -79,6 +79,7 @@ setup(
         "triton": ['triton; platform_system == "Linux"'],
         "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", 'triton; platform_system == "Linux"'],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
+        "hf": ["transformers"],  # define_kernels.integrations.transformers
     },
     **extension_options(),
 )

@@ -120,6 +120,16 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+# A provider that does no matmul (nn.Embedding, a cached lookup) has no FLOP rate: run.py writes
+# 0 there, which the table shows as undefined rather than as a speed of zero.
+FLOP_METRICS = ("tflops", "matmul_share")
+
+
+def _cell_value(metrics: Dict[str, dict], name: str) -> Optional[float]:
+    value = _number(metrics.get(name, {}).get("value"))
+    return None if name in FLOP_METRICS and value == 0 else value
+
+
 def markdown(rows: List[dict]) -> str:
     """One table per (workload, dtype, tokens, corpus); providers that did not run listed below."""
     sections: Dict[tuple, Dict[tuple, Dict[str, dict]]] = {}
@@ -147,7 +157,7 @@ def markdown(rows: List[dict]) -> str:
                   header, "|" + "---|" * 11]
         for (mode, provider), metrics in cells.items():
             time = metrics.get("time", {})
-            value = lambda name: _number(metrics.get(name, {}).get("value"))  # noqa: E731
+            value = lambda name: _cell_value(metrics, name)  # noqa: E731
             lines.append(
                 f"| {mode} | {provider} | {_fmt(_number(time.get('value')))} "
                 f"({_fmt(_number(time.get('p20')))}–{_fmt(_number(time.get('p80')))}) | "

@@ -54,7 +54,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", type=_workloads, default=["ptb-lstm"],
-                        help="comma list of SPEC §6 names or custom:V=..,n=..,k=..,m=..,N=..,g=..")
+                        help="comma list of docs/math.md §5 names or custom:V=..,n=..,k=..,m=..,N=..,g=..")
     parser.add_argument("--vocab", type=_ints, default=None,
                         help="comma list of vocabulary sizes replacing the workload's (sweeps)")
     parser.add_argument("--tokens", type=_ints, default=None,

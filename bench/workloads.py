@@ -1,4 +1,4 @@
-"""Benchmark shapes (SPEC §6 by name, or custom) and the token ids they are fed.
+"""Benchmark shapes (docs/math.md §5 by name, or custom) and the token ids they are fed.
 
 Ids come from real text (PTB, WikiText-2 under ../shared/data, never copied into the repo) with
 words mapped to the workload's vocabulary by frequency rank, or, as the embedded default, from
@@ -27,7 +27,7 @@ CUSTOM_KEYS = {"V": "vocab_size", "n": "map_dim", "k": "expand_dim", "m": "embed
 
 
 def parse_workload(text: str) -> Workload:
-    """A SPEC §6 name, or `custom:V=..,n=..,k=..,m=..,N=..,g=..[,T=..]` (T defaults to 4096)."""
+    """A docs/math.md §5 name, or `custom:V=..,n=..,k=..,m=..,N=..,g=..[,T=..]` (T defaults to 4096)."""
     if text in WORKLOADS:
         return WORKLOADS[text]
     if not text.startswith("custom:"):

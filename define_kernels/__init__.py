@@ -1,9 +1,9 @@
 """define-kernels: DeFINE embeddings (Mehta et al., ICLR 2020) with fused kernels.
 
 Public API: HGTConfig, HGT, DeFINE, hgt (the functional op), set_backend, get_backend,
-available_backends. The math is SPEC §2; `reference.py` is its executable form.
+available_backends. The math is docs/math.md §2; `reference.py` is its executable form.
 """
-from . import ops, relatives
+from . import integrations, ops, relatives
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .config import HGTConfig, LayerSpec
 from .define import DeFINE
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "DeFINE", "HGT", "HGTConfig", "LayerSpec", "available_backends",
-    "get_backend", "hgt", "ops", "relatives", "set_backend", "__version__",
+    "get_backend", "hgt", "integrations", "ops", "relatives", "set_backend", "__version__",
 ]

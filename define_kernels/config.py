@@ -1,4 +1,4 @@
-"""HGTConfig: the one place where the layer table of SPEC §2 is computed.
+"""HGTConfig: the one place where the layer table of docs/math.md §2 is computed.
 
 Every backend, module and benchmark reads `(in_features, out_features, groups, input_kind)`
 from `HGTConfig.layers`; nothing else recomputes widths or group counts.
@@ -20,7 +20,7 @@ WIDTH_ROUNDINGS = ("exact", "truncate")
 NORMS = ("layernorm", None)
 ACTS = ("gelu", "relu", "silu", None)
 
-# How layer l > 1 sees the stack input x and the previous output h (SPEC §2).
+# How layer l > 1 sees the stack input x and the previous output h (docs/math.md §2).
 INPUT_X = "x"            # first layer: u = x
 INPUT_MIX = "mix"        # split-and-mix: chunk j of x, then chunk j of h, per group j
 INPUT_CONCAT = "concat"  # plain concatenation [x, h] (define_nomix)
@@ -42,7 +42,7 @@ def _is_power_of_two(value: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class HGTConfig:
-    """Shape and options of one HGT stack (SPEC §2).
+    """Shape and options of one HGT stack (docs/math.md §2).
 
     Args:
         in_dim: p, width of the stack input x (the map dim n, or the in-proj dim).
@@ -209,7 +209,7 @@ class HGTConfig:
     # ----------------------------------------------------------------------------- counts
     @property
     def macs_per_token(self) -> int:
-        """Multiply-accumulates of the grouped matmuls for one token (SPEC §6 FLOP = 2 x this)."""
+        """Multiply-accumulates of the grouped matmuls for one token (docs/math.md §5 FLOP = 2 x this)."""
         return sum(layer.in_features * layer.out_features // layer.groups for layer in self.layers)
 
     @property

@@ -1,4 +1,4 @@
-"""`DeFINE`: Map -> (in-proj) -> HGT expand/reduce, an nn.Embedding-like module (SPEC §1-3)."""
+"""`DeFINE`: Map -> (in-proj) -> HGT expand/reduce, an nn.Embedding-like module (docs/math.md §1-3)."""
 from __future__ import annotations
 
 import dataclasses

@@ -45,7 +45,7 @@ class HGTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform weights (per group, or over the 3-D weight with init="xavier_3d"),
+        """docs/math.md §2 init: Xavier-uniform weights (per group, or over the 3-D weight with init="xavier_3d"),
         zero bias, LN (1, 0)."""
         if self.init == "xavier_3d" and self.spec.groups > 1:
             nn.init.xavier_uniform_(self.weight)
@@ -64,7 +64,7 @@ class HGTLayer(nn.Module):
 
 
 class HGT(nn.Module):
-    """HGT stack of SPEC §2 over x [*, in_dim] -> [*, out_dim].
+    """HGT stack of docs/math.md §2 over x [*, in_dim] -> [*, out_dim].
 
     Parameters, per layer l (0-based; the last one is the reduce layer):
         layers.{l}.weight       [g, a/g, w/g]

@@ -1,4 +1,5 @@
-"""A lazily filled V x m output table for a context-free embedding served without gradients.
+"""A lazily filled V x m output table for a context-free embedding served without gradients
+(docs/math.md §3).
 
 The output of DeFINE depends only on the id, so in eval mode `table[id] = embed(id)` can be
 served by one gather. The table is filled per id on first request (the first call after a weight

@@ -1,4 +1,4 @@
-"""Pure-PyTorch forward of the HGT stack: the executable form of SPEC §2.
+"""Pure-PyTorch forward of the HGT stack: the executable form of docs/math.md §2.
 
 Every backend is checked against `hgt_forward`; its gradients come from autograd. It runs on any
 device and dtype (float64 for gradcheck). Low-precision inputs are computed in their dtype by
@@ -52,7 +52,7 @@ def dropout_keep_mask(seed: int, layer: int, row_keys: torch.Tensor, width: int,
 
 
 def mix_input(x: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
-    """Split-and-mix skip (SPEC §2): per group j, chunk j of x followed by chunk j of h."""
+    """Split-and-mix skip (docs/math.md §2): per group j, chunk j of x followed by chunk j of h."""
     rows = x.shape[0]
     x_chunks = x.reshape(rows, groups, x.shape[1] // groups)
     h_chunks = h.reshape(rows, groups, h.shape[1] // groups)
@@ -107,7 +107,7 @@ def input_rows(x: torch.Tensor, ids: Optional[torch.Tensor], scale: float) -> to
 
 def hgt_stack(x: torch.Tensor, row_keys: torch.Tensor, params: Sequence[torch.Tensor],
               config: HGTConfig, seed: Optional[int] = None) -> torch.Tensor:
-    """The L layers of SPEC §2 on stack input x [T, p]; row_keys [T] key the dropout masks."""
+    """The L layers of docs/math.md §2 on stack input x [T, p]; row_keys [T] key the dropout masks."""
     rows = x.shape[0]
     h = None
     for index, (layer, (weight, bias, norm_weight, norm_bias)) in enumerate(

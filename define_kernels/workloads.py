@@ -1,4 +1,4 @@
-"""The standard workloads of SPEC §6, by name; benchmarks and tests read them from here."""
+"""The standard workloads of docs/math.md §5, by name; benchmarks and tests read them from here."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,7 +17,7 @@ class Workload(NamedTuple):
     tokens_per_batch: int
 
     def config(self, **options) -> HGTConfig:
-        """SPEC §6: group_rule halve, align 8, transform define, LayerNorm + GELU, no in-proj."""
+        """docs/math.md §5: group_rule halve, align 8, transform define, LayerNorm + GELU, no in-proj."""
         return HGTConfig(self.map_dim, self.expand_dim, self.embedding_dim, self.depth,
                          self.max_groups, **options)
 

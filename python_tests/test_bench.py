@@ -176,6 +176,88 @@ def test_plot_cli_redraws_from_csv(tmp_path):
     assert "| train | define-torch | 4 (—–—)" in report.markdown(report.read_csv([path]))
 
 
+def sweep_rows(providers_and_ms, vocabs=(100, 1000), tokens_list=(64, 256), modes=("train", "forward")):
+    """Rows of a synthetic sweep: every provider at every vocabulary, batch size and mode."""
+    meta = dict(date="2026-01-01T00:00:00", device="cpu test", commit="abc", torch="2", triton="", cuda="")
+    rows = []
+    for vocab in vocabs:
+        for tokens in tokens_list:
+            for mode in modes:
+                for provider, ms in providers_and_ms:
+                    base = dict(meta, workload=f"w-V{vocab}", provider=provider, mode=mode, dtype="float32",
+                                tokens=str(tokens), vocab_size=str(vocab), corpus="zipf", unique_ids="9", note="")
+                    rows += [dict(base, metric="time", unit="ms", value=str(ms)),
+                             dict(base, metric="tokens_per_s", unit="tokens/s", value=str(tokens / ms * 1e3)),
+                             dict(base, metric="time_vs_eager", unit="x", value=str(ms / 4.0)),
+                             dict(base, metric="tflops", unit="TFLOP/s",
+                                  value="0" if provider == "embedding" else "0.5")]
+    return rows
+
+
+def legend_colors(fig):
+    return {handle.get_label(): handle.get_color() for legend in fig.legends for handle in legend.legend_handles}
+
+
+def test_plot_palette_is_one_color_per_provider_in_every_figure():
+    small = sweep_rows([("embedding", 1.0), ("define-torch", 4.0)])
+    large = sweep_rows([("define-cpu_cpp", 5.0), ("define-torch", 4.0), ("define-torch-nodedup", 8.0),
+                        ("embedding-sparse", 0.5), ("relative-slimembedding", 2.0), ("embedding", 1.0)])
+    seen = {}
+    for rows in (small, large):
+        for figure in (plot.figure_throughput, plot.figure_train_vs_vocab, plot.figure_speedup):
+            fig = figure(rows)
+            for label, color in legend_colors(fig).items():
+                assert seen.setdefault(label, color) == color, label  # same provider, same colour
+            plot.plt.close(fig)
+    assert {"nn.Embedding", "DeFINE torch", "DeFINE cpu_cpp", "SlimEmbedding"} <= set(seen)
+    known = list(plot.PROVIDER_COLORS.values())
+    assert len(set(known)) == len(known)  # no two known providers share a colour
+    assert plot.provider_color("define-new_backend") == plot.provider_color("define-new_backend")
+
+
+def test_plots_draw_every_measured_series():
+    rows = sweep_rows([("embedding", 1.0), ("define-torch", 4.0), ("define-cpu_cpp", 5.0)], vocabs=(100, 1000, 5000))
+    keys = lambda metric, keep=lambda r: True: {plot.series_key(r) for r in rows  # noqa: E731
+                                                if r["metric"] == metric and keep(r)}
+    drawn = set()
+    plot.plt.close(plot.figure_throughput(rows, drawn))
+    assert drawn == keys("tokens_per_s") and len(drawn) == 3 * 3 * 2 * 2
+    drawn = set()
+    plot.plt.close(plot.figure_train_vs_vocab(rows, drawn))
+    assert drawn == keys("time", lambda r: r["mode"] == "train")
+    drawn = set()
+    fig = plot.figure_speedup(rows, drawn)
+    assert drawn == keys("time_vs_eager", lambda r: r["provider"] == "define-cpu_cpp")  # eager = 1x, baselines out
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert "w · V=1000 · training step" in titles  # workload without the -V suffix, vocabulary, mode
+    assert "cpu test" in fig._suptitle.get_text() and "float32" in fig._suptitle.get_text()
+    # Bars start at 1x and end at the speed-up (eager 4 ms / 5 ms = 0.8x), on a linear axis.
+    bars = [patch for ax in fig.axes for patch in ax.patches]
+    assert bars and all(bar.get_x() == 1.0 and abs(bar.get_x() + bar.get_width() - 0.8) < 1e-9 for bar in bars)
+    assert all(ax.get_xscale() == "linear" for ax in fig.axes if ax.patches)
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert labels and all("-V" not in label for label in labels)
+    assert "64 ids: DeFINE cpu_cpp" in labels
+    plot.plt.close(fig)
+
+
+def test_plot_labels_and_workload_names_are_readable():
+    assert plot.provider_label("define-cpu_cpp-nodedup") == "DeFINE cpu_cpp, no dedup"
+    assert plot.provider_label("define-torch-sparse") == "DeFINE torch, sparse"
+    assert plot.provider_label("embedding") == "nn.Embedding"
+    assert plot.base_workload({"workload": "wt2-small-V10000", "vocab_size": "10000"}) == "wt2-small"
+    assert plot.base_workload({"workload": "custom-V97-n16", "vocab_size": "97"}) == "custom-V97-n16"
+
+
+def test_report_shows_a_dash_for_undefined_flop_rates():
+    table = report.markdown(sweep_rows([("embedding", 1.0), ("define-torch", 4.0)], vocabs=(100,),
+                                       tokens_list=(64,), modes=("train",)))
+    embedding_row = next(line for line in table.splitlines() if line.startswith("| train | embedding |"))
+    define_row = next(line for line in table.splitlines() if line.startswith("| train | define-torch |"))
+    assert embedding_row.split(" | ")[6] == "—"  # TFLOP/s column: no matmul, so undefined, not 0
+    assert define_row.split(" | ")[6] == "0.5"
+
+
 def test_results_path_names_date_device_commit():
     meta = dict(date="2026-11-21T14:00:05", device="NVIDIA H100 80GB HBM3", commit="0b7af7b")
     path = report.results_path(meta, directory="/x")

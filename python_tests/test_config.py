@@ -1,4 +1,4 @@
-"""HGTConfig: layer tables against hand-written ones (SPEC §2, §6), counts, hashing."""
+"""HGTConfig: layer tables against hand-written ones (docs/math.md §2, §5), counts, hashing."""
 import dataclasses
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from define_kernels import DeFINE, HGTConfig
 from define_kernels.workloads import WORKLOADS
 
-# (in_features, out_features, groups, input_kind), worked out by hand from SPEC §2.
+# (in_features, out_features, groups, input_kind), worked out by hand from docs/math.md §2.
 HAND_TABLES = {
     "wt2-small": [(128, 352, 8, "x"), (480, 576, 4, "mix"), (704, 800, 2, "mix"),
                   (928, 1024, 1, "mix"), (1152, 512, 1, "mix")],
@@ -23,8 +23,8 @@ HAND_TABLES = {
                    (4224, 384, 1, "mix")],
 }
 
-# SPEC §6 columns: transform weights+biases (M) and MFLOP/token, to the table's precision.
-SPEC_COUNTS = {"ptb-lstm": (1.56, 3.11), "wt2-small": (1.90, 3.79), "wt103-base": (1.90, 3.79),
+# docs/math.md §5 columns: transform weights+biases (M) and MFLOP/token, to the table's precision.
+MATH_COUNTS = {"ptb-lstm": (1.56, 3.11), "wt2-small": (1.90, 3.79), "wt103-base": (1.90, 3.79),
                "wt103-wide": (2.93, 5.85), "wt103-deep": (15.77, 31.52)}
 
 
@@ -41,7 +41,7 @@ def _weights_and_biases(table):
 def test_workload_counts_match_spec(name):
     config = WORKLOADS[name].config()
     table = HAND_TABLES[name]
-    millions, mflop = SPEC_COUNTS[name]
+    millions, mflop = MATH_COUNTS[name]
     assert round(_weights_and_biases(table) / 1e6, 2) == millions
     assert config.macs_per_token == sum(a * w // g for a, w, g, _ in table)
     assert round(2 * config.macs_per_token / 1e6, 2) == mflop

@@ -1,4 +1,4 @@
-"""reference.py against an independent, naive reading of SPEC §2, in float64.
+"""reference.py against an independent, naive reading of docs/math.md §2, in float64.
 
 The naive form uses explicit index lists for mix/concat/shuffle, one nn.Linear per group, a
 hand-written LayerNorm and activations, and the dropout hash in plain Python integers.
@@ -13,7 +13,7 @@ from torch import nn
 from define_kernels import HGT, DeFINE, HGTConfig, hgt, reference
 from tolerances import assert_close
 
-# ------------------------------------------------------------------------- naive SPEC reading
+# ------------------------------------------------------------------------- naive reading of docs/math.md
 
 
 def _fmix32(h):

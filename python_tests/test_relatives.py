@@ -1,4 +1,4 @@
-"""Relatives of DeFINE (SPEC §4): tied output, augmented loss, slim embeddings, adaptive input.
+"""Relatives of DeFINE (docs/math.md §4): tied output, augmented loss, slim embeddings, adaptive input.
 
 Each module is checked against a direct float64 form of its formula, for shapes, parameter
 counts, gradients (gradcheck where cheap) and errors that name the argument.
@@ -86,7 +86,7 @@ def test_tied_output_errors():
 
 # ------------------------------------------------------------------------------ augmented loss
 def direct_augmented_loss(logits, targets, table, tau, alpha, factor):
-    """SPEC §4 in float64 with explicit softmaxes and sums (no F.kl_div)."""
+    """docs/math.md §4 in float64 with explicit softmaxes and sums (no F.kl_div)."""
     logits, table = logits.double(), table.double()
     probs = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
     ce = -torch.log(probs[torch.arange(len(targets)), targets]).mean()

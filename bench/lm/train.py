@@ -34,7 +34,7 @@ from .model import LanguageModel, LSTMContext, TransformerContext, detach_state
 from .report import append_rows, commit_id, device_name, plot, results_path
 from .variants import VARIANTS, LayerSizes, build_layers, parameter_split
 
-# --quick: CPU minutes for all variants; full: a GPU run near the ptb-lstm workload (SPEC §6).
+# --quick: CPU minutes for all variants; full: a GPU run near the ptb-lstm workload (docs/math.md §5).
 QUICK = dict(layers=1, emb_dim=128, hidden=128, heads=4, dropout=0.2, batch_size=20, bptt=35,
              lr=3e-3, steps=200, epochs=None, eval_interval=100, eval_tokens=10_000,
              train_tokens=None, map_dim=64, expand_dim=256, depth=3, max_groups=4, slim_pool=1024)

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused HGT op (SPEC §2): plain host launchers over raw pointers.
+// CUDA kernels of the fused HGT op (docs/math.md §2): plain host launchers over raw pointers.
 //
 // This header and the kernels (hgt_forward.cu, hgt_backward.cu, hgt_device.cuh) use only CUDA
 // toolkit headers (no torch), so CI can compile-check them with `nvcc -c` on a machine without a

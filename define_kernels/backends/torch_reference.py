@@ -11,5 +11,5 @@ register_backend(Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     forward=reference.hgt_forward,
     backward=reference.hgt_backward,
-    description="pure PyTorch reference (SPEC §2), gradients by autograd over a recomputed forward",
+    description="pure PyTorch reference (docs/math.md §2), gradients by autograd over a recomputed forward",
 ))

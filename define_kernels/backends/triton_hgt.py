@@ -1,4 +1,4 @@
-"""The `triton` backend: the whole HGT stack of SPEC §2 in one fused Triton kernel launch.
+"""The `triton` backend: the whole HGT stack of docs/math.md §2 in one fused Triton kernel launch.
 
 Design
 ------

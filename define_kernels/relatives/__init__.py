@@ -1,4 +1,4 @@
-"""Relatives of DeFINE from the literature (SPEC §4), drop-in input/output layers.
+"""Relatives of DeFINE from the literature (docs/math.md §4), drop-in input/output layers.
 
 Inputs map ids [*] (int32/int64) -> [*, d] like DeFINE; outputs map h [*, H] -> logits [*, V].
 """

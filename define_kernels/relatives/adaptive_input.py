@@ -1,4 +1,4 @@
-"""Adaptive input representations (Baevski & Auli, ICLR 2019; SPEC §4).
+"""Adaptive input representations (Baevski & Auli, ICLR 2019; docs/math.md §4).
 
 The vocabulary, ordered by descending frequency, is cut into bands [0, c_0), [c_0, c_1), ...,
 [c_last, V). Band i has its own table of width d / factor^i and a bias-free projection to d, so

@@ -1,4 +1,4 @@
-"""Augmented loss (Inan et al., ICLR 2017; SPEC §4).
+"""Augmented loss (Inan et al., ICLR 2017; docs/math.md §4).
 
     J = CE(y*, softmax(W h)) + alpha * s(tau) * KL(y~ || softmax(W h / tau)),
     y~ = softmax(E u / tau),  u = E[y*]  (the target word's row of the tied table E)
@@ -12,7 +12,7 @@ so without a factor the term fades as tau grows; Hinton et al.'s distillation mu
 tau^2 for the same reason. The public re-implementation of this paper that we could read
 (icoxfog417/tying-wv-and-wc, Keras) adds `gamma * temperature * KL`, i.e. s = tau, and that is
 the default here; we could not read the paper's own text on this point from the stored copies,
-so "tau2" and "none" (the plain SPEC formula, s = 1) are offered as well.
+so "tau2" and "none" (the plain formula of docs/math.md §4, s = 1) are offered as well.
 
 y~ is a fixed target by default (`detach_target=True`): no gradient flows through E u / tau,
 as in the paper's analysis. Reduction is the mean over tokens (or the sum).

@@ -1,4 +1,4 @@
-"""Slim embeddings (Li et al., AAAI 2018; SPEC §4): words share randomly assigned sub-vectors.
+"""Slim embeddings (Li et al., AAAI 2018; docs/math.md §4): words share randomly assigned sub-vectors.
 
 Word w's vector is the concatenation of K sub-vectors of width d/K; slot s takes row idx[w, s]
 of slot s's own pool of M/K rows. `idx` is drawn uniformly once from `seed` and never trained,
@@ -117,7 +117,7 @@ class SlimOutput(nn.Module):
 
     @property
     def macs_per_token(self) -> int:
-        """Multiply-adds of the pool products plus the K-way gather-sum (SPEC §4)."""
+        """Multiply-adds of the pool products plus the K-way gather-sum (docs/math.md §4)."""
         return self.table.pool_size * self.hidden_dim // self.table.num_subvectors \
             + self.num_embeddings * self.table.num_subvectors
 

@@ -1,4 +1,4 @@
-"""Weight tying / reuse of embeddings (Inan et al., ICLR 2017; SPEC §4).
+"""Weight tying / reuse of embeddings (Inan et al., ICLR 2017; docs/math.md §4).
 
 `TiedOutput` turns hidden states h [*, H] into logits [*, V] with the input table as the output
 matrix, so the model stores one V-row table instead of two.
