@@ -58,7 +58,7 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
     },
     **extension_options(),
