@@ -65,3 +65,13 @@ def usable_backend(name: str, inputs: backends.OpInputs) -> str:
 @pytest.fixture(params=[b.name for b in backends.backends_by_priority()])
 def backend(request):
     return request.param
+
+
+# Module-level behaviour (padding, dedup, cache, sparse) runs on these; the Triton interpreter is
+# too slow for whole modules and is covered at the op level (test_triton, test_fuzz).
+MODULE_BACKENDS = ["torch", "cpu_cpp"] + (["triton", "cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=MODULE_BACKENDS)
+def module_backend(request):
+    return request.param
