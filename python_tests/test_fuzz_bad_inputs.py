@@ -39,10 +39,10 @@ def expected_error(case):
     kind, detail = case.split(":", 1)
     if kind == "index":
         value = detail.rsplit(" ", 1)[1]
-        return "IndexError", rf"\b{re.escape(value)}\b"
+        return "IndexError", rf"(?<![\d-]){re.escape(value)}(?!\d)"
     if kind == "value":
         argument = detail.split(" ", 1)[0]
-        return "ValueError", rf"(^|\W){re.escape(argument)}\b"
+        return "ValueError", rf"(?<![\w.]){re.escape(argument)}(?!\w)"
     return None, None
 
 
