@@ -19,6 +19,7 @@ from define_kernels import HGTConfig, backends
 
 import fuzz_report
 from conftest import usable_backend
+from fuzz_strategies import PROFILE
 
 HERE = Path(__file__).resolve().parent
 CPU_BACKENDS = ["torch", "cpu_cpp", "triton"]
@@ -46,7 +47,7 @@ def expected_error(case):
     return None, None
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", range(1 if PROFILE == "ci" else 10))
 def test_bad_inputs_raise_documented_errors_in_a_subprocess(seed):
     names = runnable()
     result = subprocess.run([sys.executable, str(HERE / "bad_inputs_worker.py"),
