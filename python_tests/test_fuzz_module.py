@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from define_kernels import DeFINE
 
 import fuzz_report
-from fuzz_strategies import MODULE_OPTIONS, budget, hgt_configs, id_shapes, id_tensor, runnable_backends
+from fuzz_strategies import CONFIG_OPTIONS, MODULE_OPTIONS, budget, hgt_configs, id_shapes, id_tensor, runnable_backends
 from tolerances import assert_close, assert_close_scaled
 
 MODULE_BACKENDS = ["torch", "cpu_cpp"]
@@ -28,8 +28,7 @@ def module_cases(draw):
         map_dim = draw(st.integers(1, 9))
     else:
         map_dim = config.in_dim
-    hgt_options = {f: getattr(config, f) for f in ("group_rule", "align", "transform", "shuffle", "norm",
-                                                   "act", "dropout", "reduce_norm", "reduce_act")}
+    hgt_options = {name: getattr(config, name) for name in CONFIG_OPTIONS}  # the drawn HGTConfig options
     module_args = dict(map_dim=map_dim, expand_dim=config.expand_dim, depth=config.depth,
                        max_groups=config.max_groups, **options, **hgt_options)
     padding = None if options["padding_idx"] is None else options["padding_idx"] % vocab
