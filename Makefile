@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
+.PHONY: venv test fuzz mutate bench bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest python_tests -q -rs -p no:cacheprovider
+
+# nightly-style fuzz: the hypothesis "long" profile (20x the CI examples, random seeds)
+fuzz: $(STAMP)
+	DEFINE_KERNELS_FUZZ_PROFILE=long $(PY) -m pytest python_tests/test_fuzz.py python_tests/test_fuzz_module.py python_tests/test_fuzz_bad_inputs.py -q -p no:cacheprovider
+
+# plant each bug of tools/mutations.py in a scratch copy; report in bench/results/mutation_<date>.md
+mutate: $(STAMP)
+	$(PY) -m tools.mutate
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -77,7 +77,8 @@ setup(
     ],
     extras_require={
         "triton": ['triton; platform_system == "Linux"'],
-        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", 'triton; platform_system == "Linux"'],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis",
+                 'triton; platform_system == "Linux"'],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
         "hf": ["transformers"],  # define_kernels.integrations.transformers
     },

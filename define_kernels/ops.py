@@ -49,7 +49,14 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
                  seed: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, List[torch.Tensor]]:
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend)
     grad_rows, grad_params = chosen.backward(grad_y.contiguous(), *inputs)
-    return grad_rows, list(grad_params)
+    # Autograd can hand back grad_y itself (a one-row bias gradient); a custom op must not alias.
+    taken = [grad_y, x, *params]
+    return _unaliased(grad_rows, taken), [_unaliased(g, taken) for g in grad_params]
+
+
+def _unaliased(tensor: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
+    storage = tensor.untyped_storage().data_ptr()
+    return tensor.clone() if any(t.untyped_storage().data_ptr() == storage for t in inputs) else tensor
 
 
 def _rows(x, ids):

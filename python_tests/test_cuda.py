@@ -13,11 +13,15 @@ import torch
 
 from define_kernels import backends, reference
 from define_kernels.config import HGTConfig
+import expectations
+from conftest import usable_backend
 from tolerances import assert_close, assert_low_precision_close
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    # an expected cuda backend (DEFINE_KERNELS_EXPECT) without a device fails instead
+    pytest.mark.skipif(not torch.cuda.is_available() and not expectations.is_expected("cuda"),
+                       reason="no CUDA device"),
 ]
 
 LOW = (torch.float16, torch.bfloat16)
@@ -71,13 +75,8 @@ def make_inputs(config, dtype, rows, gather, device="cuda", table_rows=50, strid
 
 def cuda_backend(x, ids, params, config, scale, seed):
     """The registered cuda backend, or a skip carrying the registry's reason."""
-    backend = backends._REGISTRY.get("cuda")
-    if backend is None:
-        pytest.skip("backend cuda is not registered (define_kernels.backends.cpp_ext not loaded)")
-    reasons = backend.not_supported_reasons(backends.OpInputs(x, ids, params, config, scale, seed))
-    if reasons:
-        pytest.skip("backend cuda: " + "; ".join(reasons))
-    return backend
+    usable_backend("cuda", backends.OpInputs(x, ids, params, config, scale, seed))  # fails if expected
+    return backends._REGISTRY["cuda"]
 
 
 def expect_close(actual, exact, in_dtype, name):

@@ -1,0 +1,252 @@
+"""Tests that can fail: one per bug a mutation audit found surviving the suite (issue 13), each
+run on every backend that can run here (`backend` fixture; an expected backend that cannot run
+fails, see expectations.py). tools/mutate.py plants each of these bugs and checks it is caught.
+"""
+import pytest
+import torch
+
+from define_kernels import DeFINE, HGTConfig, backends, ops, reference
+
+from conftest import usable_backend
+from tolerances import assert_close, assert_close_scaled
+
+SMALL = dict(map_dim=8, expand_dim=32, depth=3, max_groups=4)
+
+
+def small_define(backend, **options):
+    return DeFINE(50, 12, backend=backend, **{**SMALL, **options})
+
+
+def randomize_transform(model):
+    """Non-trivial HGT/in-proj parameters; the map table (and its padding row) left as built."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "map_weight":
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def require(backend, dtype=torch.float32):
+    inputs = backends.OpInputs(torch.zeros(1, SMALL["map_dim"], dtype=dtype), None, [],
+                               HGTConfig(8, 32, 12, 3, 4), 1.0, None)
+    return usable_backend(backend, inputs)
+
+
+# ------------------------------------------------------------------------------ padding
+def test_padding_row_is_zero_at_init_and_after_reset(module_backend):
+    backend = module_backend
+    require(backend)
+    model = small_define(backend, padding_idx=3)
+    assert torch.equal(model.map_weight[3], torch.zeros(8)), "padding row not zeroed by __init__"
+    with torch.no_grad():
+        model.map_weight.normal_()
+    model.reset_parameters()
+    assert torch.equal(model.map_weight[3], torch.zeros(8)), "padding row not zeroed by reset_parameters"
+    assert model.map_weight[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dedup=False), dict(in_proj_dim=16), dict(sparse=True)],
+                         ids=["fused", "no-dedup", "in-proj", "sparse"])
+def test_padding_gets_no_gradient_under_a_random_upstream_gradient(module_backend, options):
+    backend = module_backend
+    """y.pow(2).sum() has zero gradient at a zero output, so it cannot see a leak through the
+    padding positions: use a random upstream gradient instead (no manual zeroing of the row)."""
+    require(backend)
+    torch.manual_seed(2)
+    model = randomize_transform(small_define(backend, padding_idx=3, **options))
+    ids = torch.tensor([[3, 1, 3], [7, 3, 2]])
+    y = model(ids)
+    assert torch.equal(y[ids == 3], torch.zeros(3, 12)), "padding output not zero"
+    grad_y = torch.randn_like(y)
+    (y * grad_y).sum().backward()
+    grad_map = model.map_weight.grad.to_dense()
+    assert torch.equal(grad_map[3], torch.zeros(8)), "padding row got a gradient"
+    assert grad_map[1].abs().sum() > 0
+    grads = {name: p.grad.to_dense().clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    keep = ids != 3
+    (model(ids[keep]) * grad_y[keep]).sum().backward()  # the same batch without the padding positions
+    for name, param in model.named_parameters():
+        assert_close_scaled(grads[name], param.grad.to_dense(), torch.float32,
+                            name=f"grad {name} with vs without padding positions")
+
+
+# ------------------------------------------------------------------------------ eval cache
+@pytest.mark.parametrize("changed", ["hgt.layers.0.bias", "hgt.layers.3.weight", "hgt.layers.1.norm_weight",
+                                     "in_proj.weight", "in_proj_norm.bias"])
+def test_eval_cache_is_rebuilt_when_only_a_transform_parameter_changes(module_backend, changed):
+    backend = module_backend
+    require(backend)
+    model = randomize_transform(small_define(backend, in_proj_dim=16)).eval()
+    ids = torch.tensor([1, 4, 4, 49])
+    before = model(ids)
+    with torch.no_grad():
+        param = dict(model.named_parameters())[changed]
+        param.add_(torch.randn_like(param))  # not a constant: LayerNorm would cancel a shift
+    after = model(ids)
+    model.use_cache = False
+    live = model(ids)
+    assert not torch.allclose(before, live), "the change must matter for this test to mean anything"
+    assert_close(after, live, name=f"cached vs live after changing only {changed}")
+
+
+def test_eval_cache_is_rebuilt_when_a_transform_parameter_is_replaced(module_backend):
+    backend = module_backend
+    require(backend)
+    model = randomize_transform(small_define(backend)).eval()
+    ids = torch.tensor([0, 5, 9])
+    model(ids)
+    layer = model.hgt.layers[2]
+    layer.bias = torch.nn.Parameter(layer.bias.detach() + 1.0)
+    cached = model(ids)
+    model.use_cache = False
+    assert_close(cached, model(ids), name="cached vs live after replacing a bias")
+
+
+# ------------------------------------------------------------------------------ map_dropout
+@pytest.mark.parametrize("options", [dict(), dict(in_proj_dim=16), dict(cache=False), dict(sparse=True)],
+                         ids=["cache", "in-proj", "live", "sparse"])
+def test_map_dropout_is_off_in_eval(module_backend, options):
+    backend = module_backend
+    require(backend)
+    torch.manual_seed(4)
+    with_dropout = randomize_transform(small_define(backend, map_dropout=0.5, **options))
+    without = small_define(backend, map_dropout=0.0, **options)
+    without.load_state_dict(with_dropout.state_dict())
+    with_dropout.eval(), without.eval()
+    ids = torch.tensor([[1, 2, 3], [4, 4, 49]])
+    assert_close(with_dropout(ids), without(ids), name="eval output with map_dropout=0.5 vs 0")
+    with_dropout.train(), without.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(with_dropout(ids), without(ids)), "map_dropout must act in training"
+
+
+# ------------------------------------------------------------------------------ sparse
+def test_sparse_path_matches_dense_values_and_gradient(module_backend):
+    backend = module_backend
+    """Values, not just indices: the sparse path must apply the map scale like the fused one."""
+    require(backend)
+    torch.manual_seed(6)
+    dense = randomize_transform(small_define(backend, sparse=False))
+    sparse = small_define(backend, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.tensor([[4, 4, 9], [0, 49, 9]])
+    y_dense, y_sparse = dense(ids), sparse(ids)
+    assert_close(y_sparse, y_dense, name="sparse vs dense output")
+    grad_y = torch.randn_like(y_dense)
+    (y_dense * grad_y).sum().backward()
+    (y_sparse * grad_y).sum().backward()
+    grad = sparse.map_weight.grad
+    assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == {0, 4, 9, 49}
+    assert_close_scaled(grad.to_dense(), dense.map_weight.grad, torch.float32, name="map grad values")
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
+        assert_close_scaled(b.grad.to_dense(), a.grad, torch.float32, name=f"grad {name}")
+
+
+# ------------------------------------------------------------------------------ C++ chunks
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 129, 300, 1100], ids=lambda r: f"rows{r}")
+def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
+    """Tiles are 128+ rows, one chunk of tiles per thread: 300 rows = 3 tiles over 2 threads
+    (an odd split), 1100 = 9 tiles over 2 or 3; one thread = one chunk."""
+    config = HGTConfig(16, 40, 12, 3, 4, align=4)
+    inputs = backends.OpInputs(torch.zeros(1, 16), None, [], config, 1.0, None)
+    usable_backend("cpu_cpp", inputs)
+    from define_kernels.backends import cpp_ext
+    generator = torch.Generator().manual_seed(rows)
+    params = [torch.randn(s, generator=generator) * 0.4 for s in config.param_shapes()]
+    x = torch.randn(37, 16, generator=generator)
+    ids = torch.randint(0, 37, (rows,), generator=generator)
+    grad_y = torch.randn(rows, 12, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_rows, grad_params = cpp_ext.backward(grad_y, x, ids, params, config, 0.9, None)
+    finally:
+        torch.set_num_threads(previous)
+    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y.double(), x.double(), ids,
+                                                            [p.double() for p in params], config, 0.9)
+    assert_close_scaled(grad_rows, grad_rows_ref, torch.float32, name="grad_rows")
+    for index, (got, want) in enumerate(zip(grad_params, grad_params_ref)):
+        assert_close_scaled(got, want, torch.float32, name=f"grad_params[{index}] ({threads} threads)")
+
+
+# ------------------------------------------------------------------------------ dropout boundary
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _draw(seed, layer, row_key, feature):
+    """The 24-bit dropout draw of the spec, in plain Python integers."""
+    return _fmix32(_fmix32(_fmix32(seed ^ _fmix32(layer)) ^ row_key) ^ feature) >> 8
+
+
+def boundary_case(config_options, row_key, feature, seed=12345):
+    """(config, p): p chosen from the hash so that the draw of (last layer, row_key, feature)
+    equals the keep threshold int(p * 2^24) exactly: kept under `draw >= threshold`, dropped
+    under `draw > threshold`."""
+    depth = config_options["depth"]
+    draw = _draw(seed, depth, row_key, feature)
+    p = draw / 2**24  # exact: draw < 2^24
+    assert reference.dropout_threshold(p) == draw
+    return HGTConfig(**config_options, dropout=p), p
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["ids", "dense"])
+def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
+    options = dict(in_dim=8, expand_dim=16, out_dim=6, depth=2, max_groups=2, act=None, align=2)
+    row_key, feature, seed = 5, 3, 12345
+    config, p = boundary_case(options, row_key, feature, seed)
+    generator = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.5 for s in config.param_shapes()]
+    if gather:
+        x, ids, row = torch.randn(9, 8, generator=generator, dtype=torch.float64), torch.tensor([2, row_key, 7]), 1
+    else:
+        x, ids, row = torch.randn(row_key + 2, 8, generator=generator, dtype=torch.float64), None, row_key
+    keys = reference.row_keys_for(x, ids)
+    assert bool(reference.dropout_keep_mask(seed, config.depth, keys, 6, p)[row, feature]), \
+        "reference: a draw equal to the threshold must be kept (keep when draw >= threshold)"
+    dtype = torch.float64 if backend in ("torch", "cpu_cpp") else torch.float32
+    usable_backend(backend, backends.OpInputs(x.to(dtype), ids, [], config, 1.0, seed))
+    seed_tensor = torch.tensor(seed)
+    y = ops.hgt(x.to(dtype), [q.to(dtype) for q in params], config, ids=ids, seed=seed_tensor, backend=backend)
+    y_ref = ops.hgt(x, params, config, ids=ids, seed=seed_tensor, backend="torch")
+    assert y_ref[row, feature] != 0
+    assert y[row, feature] != 0, f"{backend} drops the feature whose draw equals the threshold"
+    assert_close(y.double(), y_ref, dtype, name="y at the dropout boundary")
+
+
+# ------------------------------------------------------------------------------ found by the fuzz
+@pytest.mark.xfail(strict=True, reason="library bug found by test_fuzz_module: on the unfused path "
+                   "(sparse=True or in_proj_dim) the stack's dropout masks are keyed by row index, "
+                   "not token id (define.py, DeFINE._embed: ops.hgt(x, ...) without ids), so dedup "
+                   "changes the masks")
+@pytest.mark.parametrize("options", [dict(sparse=True), dict(in_proj_dim=16)], ids=["sparse", "in-proj"])
+def test_dedup_is_exact_with_dropout_on_the_unfused_path(options):
+    models = [randomize_transform(small_define("torch", dropout=0.3, dedup=dedup, **options))
+              for dedup in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.tensor([[7, 2, 7, 30]])
+    outputs = []
+    for model in models:
+        torch.manual_seed(9)
+        outputs.append(model(ids))
+    assert_close(outputs[0], outputs[1], name="dedup on vs off")
+
+
+@pytest.mark.xfail(strict=True, reason="library gap found by test_fuzz_module: map_dropout uses "
+                   "F.dropout per position, so with dedup (one row per distinct id) it draws "
+                   "different masks than without")
+def test_dedup_is_exact_with_map_dropout():
+    models = [randomize_transform(small_define("torch", map_dropout=0.5, dedup=dedup)) for dedup in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.tensor([[7, 2, 7, 30]])
+    outputs = []
+    for model in models:
+        torch.manual_seed(9)
+        outputs.append(model(ids))
+    assert_close(outputs[0], outputs[1], name="dedup on vs off")
