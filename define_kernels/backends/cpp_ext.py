@@ -96,6 +96,20 @@ def sources(csrc: Path, with_cuda: bool) -> List[str]:
     return [str(f) for f in files]
 
 
+# The host's vector ISA for the CPU epilogue loops (`omp simd`), as torch itself detected it; the
+# JIT build runs on the machine that uses it. ATen's own vector headers are left at their default.
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+              "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
+
+
+def cpu_isa_flags() -> List[str]:
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return []
+    return _ISA_FLAGS.get(capability, [])
+
+
 def jit_build(verbose: bool = False) -> str:
     """Builds (or finds up to date in the cache) and loads the library; returns its path."""
     from torch.utils import cpp_extension
@@ -105,7 +119,7 @@ def jit_build(verbose: bool = False) -> str:
         name=EXT_NAME,
         sources=sources(csrc, with_cuda),
         extra_include_paths=[str(csrc / "include")],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp"] + cpu_isa_flags(),
         extra_cuda_cflags=["-O3", "-std=c++17"],
         extra_ldflags=["-fopenmp"],
         with_cuda=with_cuda,
@@ -254,6 +268,28 @@ def _register_fakes() -> None:
                              f"{list(grad_y.shape)} {grad_y.dtype}")
         return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
 
+    @torch.library.register_fake(f"{EXT_NAME}::hgt_forward_saving")
+    def _forward_saving_fake(x, ids, params, layers, shuffle, dropout, scale, seed):
+        table = check_cpp_args(x, ids, params, layers, dropout, seed)
+        rows = _rows(x, ids)
+        return x.new_empty(rows, table[-1][1]), [x.new_empty(rows, w) for w in _saved_widths(table)]
+
+    @torch.library.register_fake(f"{EXT_NAME}::hgt_backward_saved")
+    def _backward_saved_fake(grad_y, x, ids, params, saved, layers, shuffle, dropout, scale, seed):
+        table = check_cpp_args(x, ids, params, layers, dropout, seed)
+        rows = _rows(x, ids)
+        expected = [(rows, w) for w in _saved_widths(table)]
+        if [tuple(s.shape) for s in saved] != expected:
+            raise ValueError(f"saved must hold tensors of shapes {expected}, got "
+                             f"{[tuple(s.shape) for s in saved]}")
+        return x.new_empty(rows, x.shape[1]), [torch.empty_like(p) for p in params]
+
+
+def _saved_widths(table) -> List[int]:
+    """Widths of the save policy's tensors: [pre_0, h_0, pre_1, h_1, ..., pre_{L-1}]."""
+    widths = [w for (_, w, *_rest) in table for _ in range(2)]
+    return widths[:-1]
+
 
 # ----------------------------------------------------------------------------- backends
 def _ops():
@@ -270,6 +306,19 @@ def forward(x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0
 def backward(grad_y, x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0, seed=None):
     grad_rows, grad_params = _ops().hgt_backward(
         grad_y, x, ids, list(params), *cpp_args(config, scale, seed))
+    return grad_rows, list(grad_params)
+
+
+def forward_saving(x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0, seed=None):
+    y, saved = _ops().hgt_forward_saving(x, ids, list(params), *cpp_args(config, scale, seed))
+    return y, list(saved)
+
+
+def backward_saved(grad_y, x, ids, params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor],
+                   config: HGTConfig, scale=1.0, seed=None):
+    layers, shuffle, dropout, scale, seed = cpp_args(config, scale, seed)
+    grad_rows, grad_params = _ops().hgt_backward_saved(
+        grad_y, x, ids, list(params), list(saved), layers, shuffle, dropout, scale, seed)
     return grad_rows, list(grad_params)
 
 
