@@ -4,8 +4,9 @@
 // 3 prev, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu); seed -1 means no dropout.
 // Semantics are those of define_kernels/reference.py (hgt_forward, hgt_backward).
 // The *_saving / *_saved pair is the "save" activation policy (CPU only): the forward also
-// returns `saved` = per layer l the pre-norm rows [rows, w_l] (bias added, shuffled) and, for
-// every layer but the last, its output [rows, w_l]: [pre_0, h_0, ..., pre_{L-1}].
+// returns `saved` = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]: per layer l the pre-norm rows
+// pre_l [rows, w_l] (bias added, shuffled) and, for l >= 1, its input u_l [rows, a_l] (the
+// split-and-mix / concat of the stack input and the previous output, in grouped layout).
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE

@@ -2,8 +2,8 @@
 // the 16-bit types, LayerNorm statistics in fp32):
 //   hgt_forward / hgt_backward            recompute policy: backward reruns the forward;
 //   hgt_forward_saving / hgt_backward_saved  save policy: forward also returns the activations
-//                                          backward needs (per layer the pre-norm rows, and the
-//                                          output of every layer but the last).
+//                                          backward needs (per layer its pre-norm rows and its
+//                                          input buffer, see run_forward).
 // Layer by layer over the whole batch: the grouped GEMMs of hgt_layers.h, then the fused
 // epilogue of hgt_epilogue.h. The layer loop is generic over the layer table.
 #include "hgt_epilogue.h"
@@ -13,7 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -42,66 +42,88 @@ Inputs prepare(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
   return in;
 }
 
-// Runs the stack; with `keep`, returns [pre_0, h_0, pre_1, h_1, ..., pre_{L-1}] too.
+#define DK_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Runs the stack; with `keep`, also returns saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
+// (pre_l [rows, w_l]: pre-norm rows; u_l [rows, a_l]: layer l's input buffer, see hgt_layers.h).
 std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bool keep) {
   const Plan& plan = in.plan;
   const int64_t L = static_cast<int64_t>(plan.layers.size());
   const at::Tensor xs = gather_input(in.x, plan);
   std::vector<at::Tensor> saved;
-  at::Tensor h_prev;
+  at::Tensor u = xs;
   for (int64_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
     at::Tensor z = at::empty({plan.rows, d.out_features}, xs.options());
-    layer_gemm_forward(plan, l, xs, h_prev, in.params[d.param_offset], z);
-    at::Tensor h = at::empty_like(z);
+    layer_gemm_forward(d, u, in.params[d.param_offset], z);
+    const bool last = l == L - 1;
+    at::Tensor next = at::empty({plan.rows, last ? d.out_features : plan.layers[l + 1].in_features},
+                                xs.options());
     at::Tensor pre = keep ? at::empty_like(z) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs.scalar_type(), "hgt_epilogue_forward", [&] {
-      epilogue_forward<scalar_t>(plan, l, in.params, z, h, keep ? &pre : nullptr);
+    const bool copy_x = !last && !plan.xcol[l + 1].empty();
+    DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_forward", [&] {
+      const auto out = last ? columns<scalar_t>(next) : columns<scalar_t>(next, &plan.hcol[l + 1]);
+      const auto x_out = copy_x ? columns<scalar_t>(next, &plan.xcol[l + 1]) : Columns<scalar_t>{};
+      epilogue_forward<scalar_t>(plan, l, in.params, z, out, keep ? &pre : nullptr,
+                                 copy_x ? &xs : nullptr, x_out);
     });
     if (keep) {
+      if (l > 0) saved.push_back(u);
       saved.push_back(pre);
-      if (l < L - 1) saved.push_back(h);
     }
-    h_prev = h;
+    u = next;
   }
-  return {h_prev, saved};
+  return {u, saved};
 }
 
-// Backward from the kept activations (saved as run_forward(keep=true) returns them).
-std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, const at::Tensor& grad_y,
-                                                             const std::vector<at::Tensor>& saved) {
+void check_saved(const Inputs& in, const std::vector<at::Tensor>& saved) {
   const Plan& plan = in.plan;
   const int64_t L = static_cast<int64_t>(plan.layers.size());
   DK_CHECK(static_cast<int64_t>(saved.size()) == 2 * L - 1, "saved", "must hold ", 2 * L - 1,
            " tensors for these layers, got ", saved.size());
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t w = plan.layers[l].out_features;
-    for (int64_t k = 2 * l; k <= std::min(2 * l + 1, 2 * L - 2); ++k) {
-      DK_CHECK(saved[k].dim() == 2 && saved[k].size(0) == plan.rows && saved[k].size(1) == w,
-               indexed("saved", k), "must have shape [", plan.rows, ", ", w, "], got ", saved[k].sizes());
-      check_same_place(saved[k], in.x, indexed("saved", k));
-    }
+  for (int64_t k = 0; k < 2 * L - 1; ++k) {
+    const auto& d = plan.layers[(k + 1) / 2];
+    const int64_t width = k % 2 == 0 ? d.out_features : d.in_features;
+    DK_CHECK(saved[k].dim() == 2 && saved[k].size(0) == plan.rows && saved[k].size(1) == width,
+             indexed("saved", k), "must have shape [", plan.rows, ", ", width, "], got ", saved[k].sizes());
+    check_same_place(saved[k], in.x, indexed("saved", k));
   }
+}
+
+// Backward from the kept activations (as run_forward(keep=true) returns them).
+std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, const at::Tensor& grad_y,
+                                                             const std::vector<at::Tensor>& saved) {
+  check_saved(in, saved);
+  const Plan& plan = in.plan;
+  const int64_t L = static_cast<int64_t>(plan.layers.size());
   const at::Tensor xs = gather_input(in.x, plan);
   std::vector<at::Tensor> grad_params;
   for (const auto& p : in.params) grad_params.push_back(at::empty_like(p));
-  at::Tensor grad_xs = at::zeros_like(xs);
-  at::Tensor gh = grad_y.contiguous();
+  const auto acc_type = xs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
+  at::Tensor gh = grad_y.contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
   for (int64_t l = L - 1; l >= 0; --l) {
     const auto& d = plan.layers[l];
     const at::Tensor pre = saved[2 * l].contiguous();
-    const at::Tensor h_prev = l > 0 ? saved[2 * l - 1].contiguous() : at::Tensor();
+    const at::Tensor u = l > 0 ? saved[2 * l - 1].contiguous() : xs;
     at::Tensor gz = at::empty_like(pre);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs.scalar_type(), "hgt_epilogue_backward", [&] {
-      epilogue_backward<scalar_t>(plan, l, in.params, gh, pre, gz, grad_params);
+    DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_backward", [&] {
+      const auto src = l == L - 1 ? columns<scalar_t>(gh) : columns<scalar_t>(gh, &plan.hcol[l + 1]);
+      epilogue_backward<scalar_t>(plan, l, in.params, src, pre, gz, grad_params);
     });
-    at::Tensor grad_prev = l > 0 ? at::empty_like(h_prev) : at::Tensor();
-    layer_gemm_backward(plan, l, xs, h_prev, in.params[d.param_offset], gz,
-                        grad_params[d.param_offset], grad_xs, grad_prev);
-    gh = grad_prev;
+    at::Tensor gu = at::empty_like(u);
+    layer_gemm_backward(d, u, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
+    if (l == 0 || !plan.xcol[l].empty()) {
+      DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
+        add_input_grad<scalar_t>(plan, l == 0 ? columns<scalar_t>(gu) : columns<scalar_t>(gu, &plan.xcol[l]),
+                                 grad_acc.data_ptr<at::opmath_type<scalar_t>>());
+      });
+    }
+    gh = gu;
   }
-  if (plan.scale != 1.0) grad_xs.mul_(plan.scale);
-  return {grad_xs, grad_params};
+  if (plan.scale != 1.0) grad_acc.mul_(plan.scale);
+  return {grad_acc.to(xs.scalar_type()), grad_params};
 }
 
 at::Tensor hgt_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ids,

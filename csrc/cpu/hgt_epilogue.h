@@ -2,7 +2,9 @@
 //
 // Forward, per row: v = z[perm] + bias[perm] (shuffle folded into the read), rounded to the
 // storage type T like the reference's GEMM output; LayerNorm per group with statistics in the
-// compute type (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store.
+// compute type (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store
+// into the next layer's input buffer at its column map (hgt_layers.h), beside a copy of the
+// stack input's row.
 // With `keep` the pre-norm row v is stored too: it is all the backward needs besides the
 // layer inputs (LN statistics are recomputed from it, cheaply, in the same pass).
 // Backward, per row: dropout mask, activation derivative, LN backward, store gz at the
@@ -28,6 +30,21 @@ namespace define_kernels::cpu {
 constexpr int64_t kBlockRows = 32;  // rows per work item: one block's rows stay in L2
 
 inline int64_t num_blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
+
+// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (nullptr: identity).
+template <typename T>
+struct Columns {
+  T* base;
+  int64_t ld;
+  const int64_t* col;
+  T* row(int64_t t) const { return base + t * ld; }
+  int64_t at(int64_t f) const { return col ? col[f] : f; }
+};
+
+template <typename T>
+Columns<T> columns(const at::Tensor& t, const std::vector<int64_t>* col = nullptr) {
+  return {t.data_ptr<T>(), t.size(1), col && !col->empty() ? col->data() : nullptr};
+}
 
 template <typename T>
 struct LayerParams {
@@ -61,17 +78,19 @@ inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
   rstd = A(1) / std::sqrt(var / A(c) + A(1e-5));
 }
 
-// z [rows, w] GEMM output -> h [rows, w]; pre [rows, w] (pre-norm rows) when defined.
+// z [rows, w] GEMM output -> out; pre [rows, w] (pre-norm rows) when given; with x_out, also
+// copies xs [rows, p] into the next layer's input.
 template <typename T>
 void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const at::Tensor& z,
-                      at::Tensor& h, at::Tensor* pre) {
+                      Columns<T> out, at::Tensor* pre, const at::Tensor* xs, Columns<T> x_out) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
   const T* zp = z.data_ptr<T>();
-  T* hp = h.data_ptr<T>();
+  const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
+  const int64_t p = plan.p;
   T* prep = pre ? pre->data_ptr<T>() : nullptr;
   const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
   const A keep_scale = A(plan.keep_scale);
@@ -96,30 +115,39 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
         }
       }
       act_forward_row(d.act, v, w);
-      T* out = hp + t * w;
       if (plan.dropout_on) {
         const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
         for (int64_t f = 0; f < w; ++f)
-          out[f] = dropout_keep(rh, f, plan.threshold) ? T(v[f] * keep_scale) : T(0);
+          if (!dropout_keep(rh, f, plan.threshold)) v[f] = A(0);
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] *= keep_scale;
+      }
+      T* o = out.row(t);
+      if (out.col) {
+        for (int64_t f = 0; f < w; ++f) o[out.col[f]] = T(v[f]);
       } else {
 #pragma omp simd
-        for (int64_t f = 0; f < w; ++f) out[f] = T(v[f]);
+        for (int64_t f = 0; f < w; ++f) o[f] = T(v[f]);
+      }
+      if (xsp) {
+        const T* xr = xsp + t * p;
+        T* xo = x_out.row(t);
+        for (int64_t k = 0; k < p; ++k) xo[x_out.at(k)] = xr[k];
       }
     }
   });
 }
 
-// gh [rows, w] (gradient of the layer output), pre [rows, w] -> gz [rows, w] (pre-shuffle);
-// adds the bias / norm gradients of the layer (grad_params entries, written).
+// gh (gradient of the layer output, through a column map), pre [rows, w] -> gz [rows, w]
+// (pre-shuffle); writes the bias / norm gradients of the layer (grad_params entries).
 template <typename T>
-void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const at::Tensor& gh,
+void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Columns<T> gh,
                        const at::Tensor& pre, at::Tensor& gz, std::vector<at::Tensor>& grad_params) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
-  const T* ghp = gh.data_ptr<T>();
   const T* prep = pre.data_ptr<T>();
   T* gzp = gz.data_ptr<T>();
   const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
@@ -137,15 +165,18 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
       A* dgamma = db + w;
       A* dbeta = dgamma + c;
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
-        const T* ght = ghp + t * w;
+        const T* ght = gh.row(t);
         const T* pt = prep + t * w;
-        if (plan.dropout_on) {
-          const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
-          for (int64_t f = 0; f < w; ++f)
-            gr[f] = dropout_keep(rh, f, plan.threshold) ? A(ght[f]) * keep_scale : A(0);
+        if (gh.col) {
+          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[gh.col[f]]);
         } else {
 #pragma omp simd
           for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[f]);
+        }
+        if (plan.dropout_on) {
+          const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
+          for (int64_t f = 0; f < w; ++f)
+            gr[f] = dropout_keep(rh, f, plan.threshold) ? gr[f] * keep_scale : A(0);
         }
         if (d.has_norm) {
           for (int64_t j = 0; j < g; ++j) {
@@ -211,6 +242,24 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
       dbt[k] = T(total[w + c + k]);
     }
   }
+}
+
+// acc [rows, p] (compute type) += the stack-input columns of gu (the gradient of a layer input).
+template <typename T>
+void add_input_grad(const Plan& plan, Columns<T> gu, at::opmath_type<T>* acc) {
+  const int64_t p = plan.p;
+  at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
+      const T* src = gu.row(t);
+      auto* dst = acc + t * p;
+      if (gu.col) {
+        for (int64_t k = 0; k < p; ++k) dst[k] += src[gu.col[k]];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < p; ++k) dst[k] += src[k];
+      }
+    }
+  });
 }
 
 }  // namespace define_kernels::cpu

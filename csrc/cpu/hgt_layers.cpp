@@ -4,35 +4,29 @@
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
 
-#include <algorithm>
+#include <numeric>
 
 namespace define_kernels::cpu {
 namespace {
 
-// Group j's slices of u for the layer's input kind (see hgt_layers.h).
-std::vector<std::vector<Segment>> layer_segments(const LayerDesc& d, int64_t p) {
-  const int64_t g = d.groups, ag = d.in_per_group(), hw = d.in_features - p;
-  std::vector<std::vector<Segment>> out(g);
-  for (int64_t j = 0; j < g; ++j) {
-    auto& segs = out[j];
-    if (d.input_kind == kInputX) {
-      segs.push_back({kFromX, j * ag, 0, ag});
-    } else if (d.input_kind == kInputPrev) {
-      segs.push_back({kFromPrev, j * ag, 0, ag});
-    } else if (d.input_kind == kInputMix) {  // chunk j of x, then chunk j of h
-      const int64_t xg = p / g, hg = hw / g;
-      segs.push_back({kFromX, j * xg, 0, xg});
-      segs.push_back({kFromPrev, j * hg, xg, hg});
-    } else {  // concat [x, h], cut into g equal groups that may straddle the boundary
-      const int64_t lo = j * ag, hi = lo + ag;
-      if (lo < p) segs.push_back({kFromX, lo, 0, std::min(hi, p) - lo});
-      if (hi > p) {
-        const int64_t start = std::max(lo, p);
-        segs.push_back({kFromPrev, start - p, start - lo, hi - start});
-      }
-    }
+// Column maps of u_l for layer l >= 1 (see hgt_layers.h and reference.mix_input).
+void input_maps(const LayerDesc& d, int64_t p, int64_t prev_width, std::vector<int64_t>& xcol,
+                std::vector<int64_t>& hcol) {
+  xcol.clear();
+  hcol.resize(prev_width);
+  if (d.input_kind == kInputPrev) {
+    std::iota(hcol.begin(), hcol.end(), int64_t(0));
+    return;
   }
-  return out;
+  xcol.resize(p);
+  if (d.input_kind == kInputConcat) {  // u = [x, h]
+    std::iota(xcol.begin(), xcol.end(), int64_t(0));
+    std::iota(hcol.begin(), hcol.end(), p);
+    return;
+  }
+  const int64_t g = d.groups, xg = p / g, hg = prev_width / g;  // mix: per group j, x_j then h_j
+  for (int64_t k = 0; k < p; ++k) xcol[k] = (k / xg) * (xg + hg) + k % xg;
+  for (int64_t k = 0; k < prev_width; ++k) hcol[k] = (k / hg) * (xg + hg) + xg + k % hg;
 }
 
 }  // namespace
@@ -49,8 +43,12 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
   } else {
     plan.rows = x.size(0);
   }
-  for (const auto& d : plan.layers) {
-    plan.segments.push_back(layer_segments(d, plan.p));
+  const size_t L = plan.layers.size();
+  plan.xcol.resize(L);
+  plan.hcol.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    const auto& d = plan.layers[l];
+    if (l > 0) input_maps(d, plan.p, plan.layers[l - 1].out_features, plan.xcol[l], plan.hcol[l]);
     std::vector<int64_t> perm(d.out_features);
     const int64_t g = d.groups, c = d.out_per_group();
     for (int64_t f = 0; f < d.out_features; ++f) perm[f] = shuffle ? (f % g) * c + f / g : f;
@@ -70,45 +68,24 @@ at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
   return plan.ids.defined() ? rows.mul_(plan.scale) : rows.mul(plan.scale);
 }
 
-void layer_gemm_forward(const Plan& plan, int64_t l, const at::Tensor& xs, const at::Tensor& h_prev,
-                        const at::Tensor& weight, at::Tensor& out) {
-  const auto& d = plan.layers[l];
-  const int64_t c = d.out_per_group();
+void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight, at::Tensor& z) {
+  const int64_t ag = d.in_per_group(), c = d.out_per_group();
   for (int64_t j = 0; j < d.groups; ++j) {
-    at::Tensor out_j = out.narrow(1, j * c, c);
-    const at::Tensor w_j = weight[j];
-    bool first = true;
-    for (const auto& s : plan.segments[l][j]) {
-      const at::Tensor& src = s.source == kFromX ? xs : h_prev;
-      const at::Tensor a = src.narrow(1, s.src_col, s.len), b = w_j.narrow(0, s.weight_row, s.len);
-      if (first) at::mm_out(out_j, a, b);
-      else out_j.addmm_(a, b);
-      first = false;
-    }
+    at::Tensor z_j = z.narrow(1, j * c, c);
+    at::mm_out(z_j, u.narrow(1, j * ag, ag), weight[j]);
   }
 }
 
-void layer_gemm_backward(const Plan& plan, int64_t l, const at::Tensor& xs, const at::Tensor& h_prev,
-                         const at::Tensor& weight, const at::Tensor& gz, at::Tensor& grad_weight,
-                         at::Tensor& grad_xs, at::Tensor& grad_prev) {
-  const auto& d = plan.layers[l];
-  const int64_t c = d.out_per_group();
+void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                         const at::Tensor& gz, at::Tensor& grad_weight, at::Tensor* grad_u) {
+  const int64_t ag = d.in_per_group(), c = d.out_per_group();
   for (int64_t j = 0; j < d.groups; ++j) {
     const at::Tensor gz_j = gz.narrow(1, j * c, c);
-    const at::Tensor w_j = weight[j];
     at::Tensor gw_j = grad_weight[j];
-    for (const auto& s : plan.segments[l][j]) {
-      const bool from_x = s.source == kFromX;
-      const at::Tensor& src = from_x ? xs : h_prev;
-      at::Tensor gw_s = gw_j.narrow(0, s.weight_row, s.len);
-      at::mm_out(gw_s, src.narrow(1, s.src_col, s.len).t(), gz_j);
-      const at::Tensor w_s_t = w_j.narrow(0, s.weight_row, s.len).t();
-      if (from_x) {
-        grad_xs.narrow(1, s.src_col, s.len).addmm_(gz_j, w_s_t);
-      } else {  // every column of h belongs to exactly one segment: write, no accumulate
-        at::Tensor gp = grad_prev.narrow(1, s.src_col, s.len);
-        at::mm_out(gp, gz_j, w_s_t);
-      }
+    at::mm_out(gw_j, u.narrow(1, j * ag, ag).t(), gz_j);
+    if (grad_u) {
+      at::Tensor gu_j = grad_u->narrow(1, j * ag, ag);
+      at::mm_out(gu_j, gz_j, weight[j].t());
     }
   }
 }

@@ -286,9 +286,12 @@ def _register_fakes() -> None:
 
 
 def _saved_widths(table) -> List[int]:
-    """Widths of the save policy's tensors: [pre_0, h_0, pre_1, h_1, ..., pre_{L-1}]."""
-    widths = [w for (_, w, *_rest) in table for _ in range(2)]
-    return widths[:-1]
+    """Widths of the save policy's tensors [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]:
+    out_features of every layer, and in_features of every layer but the first."""
+    widths = []
+    for index, (a, w, *_rest) in enumerate(table):
+        widths += ([a] if index else []) + [w]
+    return widths
 
 
 # ----------------------------------------------------------------------------- backends
