@@ -48,6 +48,7 @@ class DeFINE(nn.Module):
             nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
             then runs outside the fused op.
         backend: 'auto' (process default, see set_backend) or a registry name.
+        activations: 'recompute', 'save' or 'auto' (per device), see ops.hgt.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, map_dim: int = 128,
@@ -56,7 +57,7 @@ class DeFINE(nn.Module):
                  scale_map: bool = True, map_dropout: float = 0.0, dedup: bool = True,
                  sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
-                 **hgt_options):
+                 activations: str = "auto", **hgt_options):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim),
                             ("map_dim", map_dim)):
@@ -80,7 +81,7 @@ class DeFINE(nn.Module):
             self.in_proj_norm = nn.LayerNorm(in_proj_dim, eps=LN_EPS) if self.config.norm else None
         else:
             self.in_proj = self.in_proj_norm = None
-        self.hgt = HGT(self.config, backend)
+        self.hgt = HGT(self.config, backend, activations)
         self.use_cache = cache
         self.cache = InferenceCache(cache_chunk_size)
         self.reset_parameters()
@@ -123,7 +124,7 @@ class DeFINE(nn.Module):
         if self.in_proj is None and not self.sparse and not (self.training and self.map_dropout > 0):
             # Fused path: the op gathers and scales the map rows itself.
             y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
-                        seed=seed, backend=self.backend)
+                        seed=seed, backend=self.backend, activations=self.hgt.activations)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
@@ -134,7 +135,8 @@ class DeFINE(nn.Module):
                 if self.in_proj_norm is not None:
                     x = self.in_proj_norm(x)
                 x = activation(x, self.config.act)
-            y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend)
+            y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend,
+                        activations=self.hgt.activations)
         if self.padding_idx is not None:
             y = y * (ids != self.padding_idx).unsqueeze(1).to(y.dtype)
         return y

@@ -342,22 +342,23 @@ def _cuda_input_reasons(inputs) -> List[str]:
     return [f"{layers} layers, the CUDA kernels take at most {CUDA_MAX_LAYERS}"] if layers > CUDA_MAX_LAYERS else []
 
 
-# cpu_cpp goes AFTER the reference in `auto`: measured side by side on the quiet 2-core
-# development CPU (AMD EPYC, torch 2.13 CPU, fp32, 2,048-2,618 rows) it is slower than the
-# reference's batched matmuls: forward x0.70 (wt103-base) to x0.95 (wt103-deep), forward+backward
-# x0.72-0.95 (bench/results/, provider define-cpu_cpp vs define-torch). Ask for it by name.
+# `auto` order on CPU comes from the measured ranking (backends/measured_ranking.json); without
+# one for a dtype, cpu_cpp follows the reference.
 CPU_PRIORITY = 2000
 
 register_backend(Backend(
     name="cpu_cpp",
     priority=CPU_PRIORITY,
     devices=("cpu",),
-    dtypes=(torch.float32, torch.float64),
+    dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
     forward=forward,
     backward=backward,
     unavailable_reason=unavailable_reason,
-    description="C++ CPU kernels (csrc/cpu): token tiles carried through every layer, "
-                "at::parallel_for over tiles; float32/float64",
+    activation_policies=("recompute", "save"),
+    forward_saving=forward_saving,
+    backward_saved=backward_saved,
+    description="C++ CPU kernels (csrc/cpu): per layer whole-batch grouped GEMMs (ATen mm on "
+                "strided views) and one fused row-block epilogue; fp32/fp64/bf16/fp16",
 ))
 
 register_backend(Backend(
