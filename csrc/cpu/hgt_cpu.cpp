@@ -1,5 +1,5 @@
-// CPU implementation of the define_kernels_C ops (fp32, fp64, bf16, fp16; compute in fp32 for
-// the 16-bit types, LayerNorm statistics in fp32):
+// CPU implementation of the define_kernels_C ops (fp32, fp64, bf16 with fp32 accumulation and
+// LayerNorm statistics, fp16 computed in fp32):
 //   hgt_forward / hgt_backward            recompute policy: backward reruns the forward;
 //   hgt_forward_saving / hgt_backward_saved  save policy: forward also returns the activations
 //                                          backward needs (per layer its pre-norm rows and its
@@ -25,8 +25,13 @@ namespace {
 struct Inputs {
   Plan plan;
   at::Tensor x;
-  std::vector<at::Tensor> params;  // detached, contiguous
+  std::vector<at::Tensor> params;  // detached, contiguous, in the compute type
+  at::ScalarType io, compute;      // the tensors' dtype; the dtype the GEMMs run in
 };
+
+// fp16 runs in fp32: CPUs without AVX512-FP16 have no fp16 GEMM (ATen's fallback is slower
+// than fp32), and fp32 GEMM outputs keep fp16's gradients within the reference's error.
+at::ScalarType compute_type(at::ScalarType st) { return st == at::kHalf ? at::kFloat : st; }
 
 Inputs prepare(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
                c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
@@ -38,25 +43,27 @@ Inputs prepare(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
   // Detached: the GEMMs write into views (mm out=), which autograd refuses for inputs that
   // require grad; these ops are differentiated by their Python autograd rules instead.
   in.x = x.detach();
-  for (const auto& p : params) in.params.push_back(p.detach().contiguous());
+  in.io = st;
+  in.compute = compute_type(st);
+  for (const auto& p : params) in.params.push_back(p.detach().to(in.compute).contiguous());
   return in;
 }
 
 #define DK_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
-// Runs the stack; with `keep`, also returns saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
+// Runs the stack (output in the io type); with `keep`, also returns, in the compute type, saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
 // (pre_l [rows, w_l]: pre-norm rows; u_l [rows, a_l]: layer l's input buffer, see hgt_layers.h).
 std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bool keep) {
   const Plan& plan = in.plan;
   const int64_t L = static_cast<int64_t>(plan.layers.size());
-  const at::Tensor xs = gather_input(in.x, plan);
+  const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
   std::vector<at::Tensor> saved;
   at::Tensor u = xs;
   for (int64_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
     at::Tensor z = at::empty({plan.rows, d.out_features}, xs.options());
-    layer_gemm_forward(d, u, in.params[d.param_offset], z);
+    layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
     const bool last = l == L - 1;
     at::Tensor next = at::empty({plan.rows, last ? d.out_features : plan.layers[l + 1].in_features},
                                 xs.options());
@@ -74,7 +81,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
     }
     u = next;
   }
-  return {u, saved};
+  return {u.to(in.io), saved};
 }
 
 void check_saved(const Inputs& in, const std::vector<at::Tensor>& saved) {
@@ -94,19 +101,18 @@ void check_saved(const Inputs& in, const std::vector<at::Tensor>& saved) {
 // Backward from the kept activations (as run_forward(keep=true) returns them).
 std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, const at::Tensor& grad_y,
                                                              const std::vector<at::Tensor>& saved) {
-  check_saved(in, saved);
   const Plan& plan = in.plan;
   const int64_t L = static_cast<int64_t>(plan.layers.size());
-  const at::Tensor xs = gather_input(in.x, plan);
+  const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
   std::vector<at::Tensor> grad_params;
   for (const auto& p : in.params) grad_params.push_back(at::empty_like(p));
   const auto acc_type = xs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
-  at::Tensor gh = grad_y.contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
+  at::Tensor gh = grad_y.to(in.compute).contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
   for (int64_t l = L - 1; l >= 0; --l) {
     const auto& d = plan.layers[l];
-    const at::Tensor pre = saved[2 * l].contiguous();
-    const at::Tensor u = l > 0 ? saved[2 * l - 1].contiguous() : xs;
+    const at::Tensor pre = saved[2 * l].to(in.compute).contiguous();
+    const at::Tensor u = l > 0 ? saved[2 * l - 1].to(in.compute).contiguous() : xs;
     at::Tensor gz = at::empty_like(pre);
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_backward", [&] {
       const auto src = l == L - 1 ? columns<scalar_t>(gh) : columns<scalar_t>(gh, &plan.hcol[l + 1]);
@@ -123,7 +129,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
     gh = gu;
   }
   if (plan.scale != 1.0) grad_acc.mul_(plan.scale);
-  return {grad_acc.to(xs.scalar_type()), grad_params};
+  for (auto& g : grad_params) g = g.to(in.io);
+  return {grad_acc.to(in.io), grad_params};
 }
 
 at::Tensor hgt_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ids,
@@ -137,7 +144,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_forward_saving_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
     c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
   const Inputs in = prepare(x, ids, params, layers, shuffle, dropout, scale, seed);
-  return run_forward(in, /*keep=*/true);
+  auto [y, saved] = run_forward(in, /*keep=*/true);
+  for (auto& t : saved) t = t.to(in.io);
+  return {y, saved};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_backward_cpu(
@@ -158,6 +167,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_backward_saved_cpu(
   check_grad_y(grad_y, x, in.plan.rows, in.plan.layers.back().out_features);
   std::vector<at::Tensor> kept;
   for (const auto& s : saved) kept.push_back(s.detach());
+  check_saved(in, kept);
   return run_backward(in, grad_y.detach(), kept);
 }
 

@@ -1,7 +1,7 @@
 // The fused per-layer passes of the CPU stack, over blocks of rows in parallel.
 //
-// Forward, per row: v = z[perm] + bias[perm] (shuffle folded into the read), rounded to the
-// storage type T like the reference's GEMM output; LayerNorm per group with statistics in the
+// Forward, per row: v = z[perm] (the GEMM output with bias, shuffle folded into the read);
+// LayerNorm per group with statistics in the
 // compute type (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store
 // into the next layer's input buffer at its column map (hgt_layers.h), beside a copy of the
 // stack input's row.
@@ -99,7 +99,7 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
     A* v = row.data();
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* zt = zp + t * w;
-      for (int64_t f = 0; f < w; ++f) v[f] = A(T(A(zt[perm[f]]) + A(lp.bias[perm[f]])));
+      for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
       if (prep) {
         T* dst = prep + t * w;
 #pragma omp simd

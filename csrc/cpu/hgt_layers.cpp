@@ -2,6 +2,7 @@
 #include "hgt_layers.h"
 
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
 #include <numeric>
@@ -68,11 +69,13 @@ at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
   return plan.ids.defined() ? rows.mul_(plan.scale) : rows.mul(plan.scale);
 }
 
-void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight, at::Tensor& z) {
+void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& z) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
   for (int64_t j = 0; j < d.groups; ++j) {
     at::Tensor z_j = z.narrow(1, j * c, c);
-    at::mm_out(z_j, u.narrow(1, j * ag, ag), weight[j]);
+    // Bias inside the GEMM (beta = 1): one rounding in bf16/fp16, as the reference's baddbmm.
+    at::addmm_out(z_j, bias[j], u.narrow(1, j * ag, ag), weight[j]);
   }
 }
 

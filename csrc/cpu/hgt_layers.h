@@ -39,8 +39,9 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
 // The stack input rows: x gathered by ids (or x itself), times scale; [rows, p] contiguous.
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan);
 
-// z [rows, w] (pre-bias, pre-shuffle) = u [rows, a] times the layer's block-diagonal weight.
-void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight, at::Tensor& z);
+// z [rows, w] (pre-shuffle) = u [rows, a] times the layer's block-diagonal weight, plus bias.
+void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& z);
 
 // From gz [rows, w] (pre-shuffle): grad_weight = u^T gz per group, grad_u = gz W^T per group.
 void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,

@@ -84,6 +84,7 @@ class Backend:
     activation_policies: tuple = (RECOMPUTE,)
     forward_saving: Optional[Callable] = None   # (x, ids, params, config, scale, seed) -> (y, saved)
     backward_saved: Optional[Callable] = None   # (grad_y, x, ids, params, saved, config, scale, seed)
+    save_dtypes: Optional[tuple] = None          # dtypes "save" supports (None: all of dtypes)
 
     def not_supported_reasons(self, inputs: OpInputs, policy: str = RECOMPUTE) -> List[str]:
         # Cheap metadata first: asking a backend for its global availability may build it.
@@ -91,6 +92,8 @@ class Backend:
         if policy not in self.activation_policies:
             reasons.append(f"activation policy {policy!r} not supported (supports "
                            f"{', '.join(self.activation_policies)})")
+        elif policy == SAVE and self.save_dtypes is not None and inputs.x.dtype not in self.save_dtypes:
+            reasons.append(f"activation policy 'save' not supported for {inputs.x.dtype}")
         if inputs.x.device.type not in self.devices:
             reasons.append(f"device {inputs.x.device.type} not in {self.devices}")
         if inputs.x.dtype not in self.dtypes:
@@ -155,14 +158,16 @@ def check_activation_policy(policy: str, argument: str = "activations") -> str:
     return policy
 
 
-# "auto" activation policy per device type, from bench/rank_backends.py measurements on the
-# development CPU (README, Benchmarks): "save" keeps ~2 activations per layer and skips the
-# forward rerun in backward. GPU backends implement only "recompute".
+# "auto" activation policy per device type, from the bench measurements on the development CPU
+# (README, Benchmarks): "save" keeps ~2 activations per layer and skips the forward rerun in
+# backward. GPU backends implement only "recompute"; cpu_cpp saves no fp16 (see cpp_ext).
 DEFAULT_POLICY = {"cpu": SAVE}
 
 
-def resolve_activation_policy(policy: str, device: torch.device) -> str:
-    return DEFAULT_POLICY.get(device.type, RECOMPUTE) if policy == AUTO else policy
+def resolve_activation_policy(policy: str, device: torch.device, dtype: torch.dtype) -> str:
+    if policy != AUTO:
+        return policy
+    return RECOMPUTE if dtype == torch.float16 else DEFAULT_POLICY.get(device.type, RECOMPUTE)
 
 
 @functools.lru_cache(maxsize=1)

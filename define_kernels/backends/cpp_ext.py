@@ -355,6 +355,9 @@ register_backend(Backend(
     backward=backward,
     unavailable_reason=unavailable_reason,
     activation_policies=("recompute", "save"),
+    # fp16 computes in fp32 (csrc/cpu/hgt_cpu.cpp); its saved activations would be rounded to
+    # fp16 and LayerNorm's backward amplifies that past the reference's error.
+    save_dtypes=(torch.float32, torch.float64, torch.bfloat16),
     forward_saving=forward_saving,
     backward_saved=backward_saved,
     description="C++ CPU kernels (csrc/cpu): per layer whole-batch grouped GEMMs (ATen mm on "
