@@ -180,3 +180,19 @@ def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
     y = ops.hgt(x, params, config, ids=ids, backend="cpu_cpp")  # auto policy: recompute for fp16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float16
+
+
+def test_auto_follows_the_measured_ranking(monkeypatch):
+    """A measured ranking for (device, dtype) puts its fastest backend first in `auto`; other
+    dtypes keep priority order."""
+    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
+    order = [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)]
+    assert order[:2] == ["cpu_cpp", "torch"]
+    by_priority = [b.name for b in backends.backends_by_priority()]
+    assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float32)] == by_priority
+
+
+def test_shipped_ranking_names_registered_backends():
+    for by_dtype in backends.measured_ranking().values():
+        for names in by_dtype.values():
+            assert set(names) <= set(backends._REGISTRY), names
