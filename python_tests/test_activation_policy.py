@@ -183,12 +183,15 @@ def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
 
 
 def test_auto_follows_the_measured_ranking(monkeypatch):
-    """A measured ranking for (device, dtype) puts its fastest backend first in `auto`; other
-    dtypes keep priority order."""
+    """A measured ranking for (device, dtype) reorders the measured backends within their places
+    in `auto`; other backends and other dtypes keep priority order."""
     monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
-    order = [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)]
-    assert order[:2] == ["cpu_cpp", "torch"]
     by_priority = [b.name for b in backends.backends_by_priority()]
+    order = [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)]
+    assert order.index("cpu_cpp") < order.index("torch")
+    assert [n for n in order if n not in ("cpu_cpp", "torch")] == [n for n in by_priority if n not in ("cpu_cpp", "torch")]
+    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["torch", "cpu_cpp"]}})
+    assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)] == by_priority
     assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float32)] == by_priority
 
 

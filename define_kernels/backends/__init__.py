@@ -10,10 +10,9 @@ and "save" (the forward also returns the activations the backward needs, `forwar
 `backward_saved`, in the layout of reference.saved_shapes). A backend lists the policies it
 supports in `activation_policies`; asking one for another is a reason it cannot run.
 
-`auto` order: where bench/rank_backends.py recorded a measured ranking for the inputs' device
-and dtype (backends/measured_ranking.json, shipped with the package), the fastest correct
-backend measured there comes first; the others, and devices/dtypes never measured, follow by
-priority.
+`auto` order: priority, except that where `python -m bench.cpu_goals --write-ranking` recorded a
+measured ranking for the inputs' device and dtype (backends/measured_ranking.json), the measured
+backends take their places in measured order, fastest first (unmeasured backends keep theirs).
 
 Backends register themselves from the modules listed in `_BUILTIN_MODULES`; importing one must be
 cheap (heavy imports such as triton or a JIT build happen on first use).
@@ -158,8 +157,7 @@ def check_activation_policy(policy: str, argument: str = "activations") -> str:
     return policy
 
 
-# "auto" activation policy per device type, from the bench measurements on the development CPU
-# (README, Benchmarks): "save" keeps ~2 activations per layer and skips the forward rerun in
+# "auto" activation policy per device type (bench/cpu_goals.py on the development CPU, README): "save" keeps ~2 activations per layer and skips the forward rerun in
 # backward. GPU backends implement only "recompute"; cpu_cpp saves no fp16 (see cpp_ext).
 DEFAULT_POLICY = {"cpu": SAVE}
 
@@ -182,11 +180,15 @@ def measured_ranking() -> dict:
 
 
 def auto_order(device: torch.device, dtype: torch.dtype) -> List[Backend]:
-    """Backends in the order `auto` tries them for this device and dtype."""
+    """Backends in the order `auto` tries them for this device and dtype: priority order, with
+    the measured backends' places refilled in their measured order (unmeasured ones keep theirs)."""
+    ordered = backends_by_priority()
     measured = measured_ranking().get(device.type, {}).get(str(dtype).replace("torch.", ""), [])
-    rank = {name: index for index, name in enumerate(measured)}
-    return sorted(_REGISTRY.values(),
-                  key=lambda backend: (rank.get(backend.name, len(rank)), backend.priority))
+    measured = [name for name in measured if name in _REGISTRY]
+    slots = [index for index, backend in enumerate(ordered) if backend.name in measured]
+    for slot, name in zip(slots, measured):
+        ordered[slot] = _REGISTRY[name]
+    return ordered
 
 
 def select(requested: str, inputs: OpInputs, policy: str = RECOMPUTE) -> Backend:
