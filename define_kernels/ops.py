@@ -211,7 +211,7 @@ def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
         activations: str = "auto") -> torch.Tensor:
     """Functional form of the op taking an HGTConfig; see the module docstring."""
     policy = backends.resolve_activation_policy(backends.check_activation_policy(activations),
-                                                x.device, x.dtype)
+                                                x.device, x.dtype, backend)
     params = list(params)
     if policy == backends.SAVE and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)):

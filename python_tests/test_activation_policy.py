@@ -83,6 +83,8 @@ def test_backend_without_save_declines_with_a_reason(monkeypatch):
         ops.hgt(x, params, config, ids=ids, backend="recompute_only", activations="save")
     ops.hgt(x, params, config, ids=ids, backend="recompute_only", activations="recompute")
     # auto skips it for "save" (priority 1 would win otherwise) and picks it for "recompute".
+    # activations="auto" with a backend that cannot save: recompute, no error.
+    ops.hgt(x, params, config, ids=ids, backend="recompute_only")
     inputs = backends.OpInputs(x, ids, params, config, 1.0, None)
     assert backends.select("auto", inputs, "save").name != "recompute_only"
     assert backends.select("auto", inputs, "recompute").name == "recompute_only"

@@ -162,10 +162,20 @@ def check_activation_policy(policy: str, argument: str = "activations") -> str:
 DEFAULT_POLICY = {"cpu": SAVE}
 
 
-def resolve_activation_policy(policy: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_activation_policy(policy: str, device: torch.device, dtype: torch.dtype,
+                              backend: str = AUTO) -> str:
+    """The policy to run: an explicit one as given; for 'auto' the device default, unless the
+    backend asked for (by name or set_backend) cannot keep activations for this dtype."""
     if policy != AUTO:
         return policy
-    return RECOMPUTE if dtype == torch.float16 else DEFAULT_POLICY.get(device.type, RECOMPUTE)
+    chosen = DEFAULT_POLICY.get(device.type, RECOMPUTE) if dtype != torch.float16 else RECOMPUTE
+    name = get_backend() if backend == AUTO else backend
+    if chosen == SAVE and name in _REGISTRY:
+        named = _REGISTRY[name]
+        if SAVE not in named.activation_policies or (named.save_dtypes is not None
+                                                     and dtype not in named.save_dtypes):
+            return RECOMPUTE
+    return chosen
 
 
 @functools.lru_cache(maxsize=1)
