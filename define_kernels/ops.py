@@ -113,7 +113,16 @@ def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Lis
                        backend: str) -> tuple[torch.Tensor, List[torch.Tensor]]:
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
     y, saved = chosen.forward_saving(*inputs)
-    return y, [t.contiguous() for t in saved]
+    # Outputs may alias neither inputs nor each other (a layer without norm/act saves its output).
+    taken = {t.untyped_storage().data_ptr() for t in [x, y, *params] if t.numel()}
+    outputs = []
+    for t in saved:
+        t = t.contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        taken.add(t.untyped_storage().data_ptr())
+        outputs.append(t)
+    return y, outputs
 
 
 @torch.library.custom_op("define_kernels::hgt_backward_saved", mutates_args=())

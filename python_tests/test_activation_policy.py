@@ -14,6 +14,8 @@ CONFIGS = {
     "hgt-silu-nonorm": dk.HGTConfig(16, 40, 12, 3, 4, transform="hgt", act="silu", norm=None),
     "glt-noact": dk.HGTConfig(16, 40, 12, 2, 4, transform="glt", shuffle=True, act=None),
     "linear-odd": dk.HGTConfig(12, 37, 7, 3, 1, transform="linear", align=1, reduce_norm=False),
+    # no norm, no act: the reference's saved rows are its outputs (must not alias them)
+    "hgt-plain": dk.HGTConfig(12, 40, 20, 3, 4, transform="hgt", norm=None, act=None),
 }
 BACKENDS = [name for name in ("torch", "cpu_cpp") if name in dk.available_backends()]
 
