@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz mutate bench bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
+.PHONY: venv test fuzz mutate bench bench-cpu-goals bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ mutate: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# issue 9's CPU ratios side by side (wt103-base, 8,192 WikiText-2 ids), and the measured
+# `auto` ranking (define_kernels/backends/measured_ranking.json) from the same run
+bench-cpu-goals: $(STAMP)
+	$(PY) -m bench.cpu_goals --rounds 5 --write-ranking
 
 # pytest-benchmark suite at small sizes, for regression tracking
 bench-suite: $(STAMP)

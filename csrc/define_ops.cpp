@@ -3,6 +3,10 @@
 // layers: 6 ints per layer (in_features, out_features, groups, input_kind 0 x | 1 mix | 2 concat |
 // 3 prev, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu); seed -1 means no dropout.
 // Semantics are those of define_kernels/reference.py (hgt_forward, hgt_backward).
+// The *_saving / *_saved pair is the "save" activation policy (CPU only): the forward also
+// returns `saved` = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]: per layer l the pre-norm rows
+// pre_l [rows, w_l] (bias added, shuffled) and, for l >= 1, its input u_l [rows, a_l] (the
+// split-and-mix / concat of the stack input and the previous output, in grouped layout).
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE
@@ -19,4 +23,8 @@ TORCH_LIBRARY(define_kernels_C, m) {
         "float dropout, float scale, int seed) -> Tensor");
   m.def("hgt_backward(Tensor grad_y, Tensor x, Tensor? ids, Tensor[] params, int[] layers, "
         "bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
+  m.def("hgt_forward_saving(Tensor x, Tensor? ids, Tensor[] params, int[] layers, bool shuffle, "
+        "float dropout, float scale, int seed) -> (Tensor, Tensor[])");
+  m.def("hgt_backward_saved(Tensor grad_y, Tensor x, Tensor? ids, Tensor[] params, Tensor[] saved, "
+        "int[] layers, bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
 }

@@ -66,6 +66,7 @@ class DeFINE(nn.Module):
         zero_padding_output: False keeps the stack's output at padding_idx (the authors' code).
         DeFINE.delight(...) builds the authors' layout, DeFINE.from_delight(state_dict) imports
             one of their checkpoints (define_kernels/delight.py).
+        activations: 'recompute', 'save' or 'auto' (per device), see ops.hgt.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, map_dim: int = 128,
@@ -75,7 +76,7 @@ class DeFINE(nn.Module):
                  sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
                  in_proj_dropout: float = 0.0, init: str = "spec", zero_padding_output: bool = True,
-                 device=None, dtype=None, **hgt_options):
+                 activations: str = "auto", device=None, dtype=None, **hgt_options):
         super().__init__()
         check_known_options("DeFINE", hgt_options, _HGT_OPTIONS)
         factory = {"device": device, "dtype": dtype}
@@ -106,7 +107,7 @@ class DeFINE(nn.Module):
                                  if self.config.norm else None)
         else:
             self.in_proj = self.in_proj_norm = None
-        self.hgt = HGT(self.config, backend, init, **factory)
+        self.hgt = HGT(self.config, backend, init, activations, **factory)
         self.use_cache = cache
         self.cache = InferenceCache(cache_chunk_size)
         self._register_load_state_dict_pre_hook(checkpoint.add_legacy_extra_state)
@@ -211,7 +212,7 @@ class DeFINE(nn.Module):
         if self.in_proj is None and not self.sparse and not (self.training and self.map_dropout > 0):
             # Fused path: the op gathers and scales the map rows itself.
             y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
-                        seed=seed, backend=self.backend)
+                        seed=seed, backend=self.backend, activations=self.hgt.activations)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
@@ -223,7 +224,8 @@ class DeFINE(nn.Module):
                     x = self.in_proj_norm(x)
                 x = activation(x, self.config.act)
                 x = F.dropout(x, self.in_proj_dropout, self.training)
-            y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend)
+            y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend,
+                        activations=self.hgt.activations)
         if self.padding_idx is not None and self.zero_padding_output:
             y = y * (ids != self.padding_idx).unsqueeze(1).to(y.dtype)
         return y

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .backends import check_backend_name
+from .backends import check_activation_policy, check_backend_name
 from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
 from .seed import draw_seed
@@ -72,17 +72,18 @@ class HGT(nn.Module):
         layers.{l}.norm_weight  [w/g]  (norm="layernorm" and, for reduce, reduce_norm)
         layers.{l}.norm_bias    [w/g]
     with (a, w, g) = config.layers[l] (in_features, out_features, groups). `init` is "spec"
-    or "xavier_3d" (the authors' init, see INITS); `device` / `dtype` are factory kwargs, as for
-    nn.Linear.
+    or "xavier_3d" (the authors' init, see INITS); `activations` is "recompute", "save" or "auto"
+    (per device, see ops.hgt); `device` / `dtype` are factory kwargs, as for nn.Linear.
     """
 
-    def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec", *,
-                 device=None, dtype=None):
+    def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec",
+                 activations: str = "auto", *, device=None, dtype=None):
         super().__init__()
         if not isinstance(config, HGTConfig):
             raise ValueError(f"config must be an HGTConfig, got {type(config).__name__}")
         self.config = config
         self.backend = check_backend_name(backend)
+        self.activations = check_activation_policy(activations)
         self.layers = nn.ModuleList(
             HGTLayer(spec, config.layer_has_norm(index), init, device=device, dtype=dtype)
             for index, spec in enumerate(config.layers))
@@ -102,7 +103,8 @@ class HGT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_last_dim(x, self.config.in_dim, "x")
         rows = x.reshape(-1, self.config.in_dim)
-        y = ops.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend)
+        y = ops.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend,
+                    activations=self.activations)
         return y.reshape(*x.shape[:-1], self.config.out_dim)
 
     def extra_repr(self) -> str:

@@ -3,12 +3,25 @@
     define_kernels::hgt_forward(x, ids, params, config, scale, seed, backend) -> y
     define_kernels::hgt_backward(grad_y, x, ids, params, config, scale, seed, backend)
         -> (grad_rows, grad_params)
+    define_kernels::hgt_forward_saving(x, ids, params, config, scale, seed, backend) -> (y, saved)
+    define_kernels::hgt_backward_saved(grad_y, x, ids, params, saved, config, scale, seed, backend)
+        -> (grad_rows, grad_params)
 
 x is a dense input [T, p] (ids None) or a map table [V, p] gathered by 1-D ids [T]; the stack input
 is those rows times `scale`. `config` is `HGTConfig.key`; `seed` is a 0-d int64 CPU tensor in
 training with dropout, else None; `backend` is a registry name or 'auto'. Backward returns the
 gradient per gathered row; the autograd rule scatters it into the table, so the op never
 allocates a table-sized buffer itself.
+
+Activation policy (`hgt(..., activations=)`): "recompute" runs hgt_forward, whose backward
+reruns the forward from the inputs (nothing but the inputs is kept: least memory); "save" runs
+hgt_forward_saving, which also returns the activations its backward needs
+(reference.saved_shapes: two [T, width] tensors per layer), so backward does no forward GEMM;
+"auto" is backends.DEFAULT_POLICY for the device. Without autograd, both run hgt_forward.
+
+Autocast (CPU and CUDA): under torch.autocast the forward ops compute in the autocast dtype from
+the given (fp32) tensors and return that dtype; gradients reach the fp32 tensors in fp32 through
+the casts. With ids and no dropout only the gathered rows are cast, not the table.
 
 The ops are opaque to torch.compile (fullgraph-safe); `register_fake` gives their shapes.
 """
@@ -17,8 +30,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import backends
+from . import backends, reference
 from .checks import check_ids_in_range, check_op_inputs
 from .config import HGTConfig
 
@@ -27,13 +41,13 @@ def _seed_value(seed: Optional[torch.Tensor]) -> Optional[int]:
     return None if seed is None else int(seed)
 
 
-def _prepare(x, ids, params, config, scale, seed, backend):
+def _prepare(x, ids, params, config, scale, seed, backend, policy=backends.RECOMPUTE):
     cfg = HGTConfig.from_key(config)
     check_op_inputs(x, ids, params, cfg)
     if ids is not None:
         check_ids_in_range(ids, x.shape[0])
     inputs = backends.OpInputs(x, ids, params, cfg, scale, _seed_value(seed))
-    return backends.select(backend, inputs), inputs
+    return backends.select(backend, inputs, policy), inputs
 
 
 @torch.library.custom_op("define_kernels::hgt_forward", mutates_args=())
@@ -86,21 +100,139 @@ def _backward(ctx, grad_y):
     x, ids, seed, *params = ctx.saved_tensors
     grad_rows, grad_params = hgt_backward(grad_y, x, ids, params, ctx.config, ctx.scale, seed,
                                           ctx.backend)
+    return _table_grad(x, ids, grad_rows), None, list(grad_params), None, None, None, None
+
+
+def _table_grad(x, ids, grad_rows):
     if ids is None:
-        grad_x = grad_rows
-    else:  # rows -> table: summed per id, dense like nn.Embedding's default gradient
-        grad_x = torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
-    return grad_x, None, list(grad_params), None, None, None, None
+        return grad_rows
+    # rows -> table: summed per id, dense like nn.Embedding's default gradient
+    return torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
 
 
 hgt_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- "save" policy
+@torch.library.custom_op("define_kernels::hgt_forward_saving", mutates_args=())
+def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: List[torch.Tensor],
+                       config: str, scale: float, seed: Optional[torch.Tensor],
+                       backend: str) -> tuple[torch.Tensor, List[torch.Tensor]]:
+    chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
+    y, saved = chosen.forward_saving(*inputs)
+    # Outputs may alias neither inputs nor each other (a layer without norm/act saves its output).
+    taken = {t.untyped_storage().data_ptr() for t in [x, y, *params] if t.numel()}
+    outputs = []
+    for t in saved:
+        t = t.contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        taken.add(t.untyped_storage().data_ptr())
+        outputs.append(t)
+    return y, outputs
+
+
+@torch.library.custom_op("define_kernels::hgt_backward_saved", mutates_args=())
+def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tensor],
+                       params: List[torch.Tensor], saved: List[torch.Tensor], config: str,
+                       scale: float, seed: Optional[torch.Tensor],
+                       backend: str) -> tuple[torch.Tensor, List[torch.Tensor]]:
+    chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
+    x, ids, params, cfg, scale, seed_value = inputs
+    grad_rows, grad_params = chosen.backward_saved(grad_y.contiguous(), x, ids, params, list(saved),
+                                                   cfg, scale, seed_value)
+    return grad_rows, list(grad_params)
+
+
+def _check_saved(saved, x, ids, cfg):
+    expected = reference.saved_shapes(cfg, _rows(x, ids))
+    if [tuple(t.shape) for t in saved] != expected:
+        raise ValueError(f"saved must hold tensors of shapes {expected}, got {[tuple(t.shape) for t in saved]}")
+
+
+@hgt_forward_saving.register_fake
+def _hgt_forward_saving_fake(x, ids, params, config, scale, seed, backend):
+    cfg = HGTConfig.from_key(config)
+    check_op_inputs(x, ids, params, cfg)
+    rows = _rows(x, ids)
+    return x.new_empty(rows, cfg.out_dim), [x.new_empty(shape) for shape in reference.saved_shapes(cfg, rows)]
+
+
+@hgt_backward_saved.register_fake
+def _hgt_backward_saved_fake(grad_y, x, ids, params, saved, config, scale, seed, backend):
+    cfg = HGTConfig.from_key(config)
+    check_op_inputs(x, ids, params, cfg)
+    _check_saved(saved, x, ids, cfg)
+    return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
+
+
+def _setup_context_saving(ctx, inputs, output):
+    x, ids, params, config, scale, seed, backend = inputs
+    _, saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.num_params = len(params)
+    ctx.save_for_backward(x, ids, seed, *params, *saved)
+    ctx.config, ctx.scale, ctx.backend = config, scale, backend
+
+
+def _backward_saving(ctx, grad_y, _grad_saved):
+    x, ids, seed, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
+    grad_rows, grad_params = hgt_backward_saved(grad_y, x, ids, params, saved, ctx.config,
+                                                ctx.scale, seed, ctx.backend)
+    return _table_grad(x, ids, grad_rows), None, list(grad_params), None, None, None, None
+
+
+hgt_forward_saving.register_autograd(_backward_saving, setup_context=_setup_context_saving)
+
+
+# ----------------------------------------------------------------------------- autocast
+def _autocast_inputs(device_type, x, ids, params, seed):
+    """The op's inputs cast to the current autocast dtype (as torch.library.register_autocast
+    casts, but following the autocast region's dtype instead of one fixed at registration)."""
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def eligible(t):
+        return t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+
+    if not eligible(x):
+        return x, ids, params
+    if ids is not None and seed is None and x.dtype != dtype:
+        # Gather first so only the batch's rows are cast; with dropout the row keys must stay
+        # the token ids, so the table is cast whole instead.
+        x, ids = F.embedding(ids, x), None
+    return x.to(dtype), ids, [p.to(dtype) if eligible(p) else p for p in params]
+
+
+def _register_autocast(op, device_type):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, x, ids, params, config, scale, seed, backend):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            x, ids, params = _autocast_inputs(device_type, x, ids, params, seed)
+            return op._opoverload(x, ids, params, config, scale, seed, backend)
+
+    op._lib.impl(op._name, kernel, key, with_keyset=True)
+
+
+for _op in (hgt_forward, hgt_forward_saving):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
 def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
         ids: Optional[torch.Tensor] = None, scale: float = 1.0,
-        seed: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+        seed: Optional[torch.Tensor] = None, backend: str = "auto",
+        activations: str = "auto") -> torch.Tensor:
     """Functional form of the op taking an HGTConfig; see the module docstring."""
-    return hgt_forward(x, ids, list(params), config.key, float(scale), seed, backend)
+    policy = backends.resolve_activation_policy(backends.check_activation_policy(activations),
+                                                x.device, x.dtype, backend)
+    params = list(params)
+    if policy == backends.SAVE and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params)):
+        return hgt_forward_saving(x, ids, params, config.key, float(scale), seed, backend)[0]
+    return hgt_forward(x, ids, params, config.key, float(scale), seed, backend)
 
 
 from .seed import draw_seed  # noqa: E402,F401  (kept here for callers of ops.draw_seed)

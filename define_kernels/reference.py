@@ -175,3 +175,114 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
         grads = torch.autograd.grad(y, [rows] + leaves, grad_y.to(y.dtype), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, [rows] + leaves)]
     return grads[0], grads[1:]
+
+
+# ----------------------------------------------------------------------------- "save" policy
+# The forward also returns what the backward needs, so backward reruns no GEMM:
+#   saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
+# pre_l [T, w_l]: layer l's grouped-linear output with bias, after the shuffle, before the norm;
+# u_l [T, a_l]: layer l's input (layer_input), for l >= 1 (layer 0's input is the stack input).
+# Every backend supporting "save" uses this layout, so the ops' fakes need no backend.
+
+def saved_shapes(config: HGTConfig, rows: int) -> list:
+    shapes = []
+    for index, layer in enumerate(config.layers):
+        if index:
+            shapes.append((rows, layer.in_features))
+        shapes.append((rows, layer.out_features))
+    return shapes
+
+
+def _unshuffle(pre: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of feature_shuffle on [T, g, c] (returned as [T, g, c])."""
+    rows, width = pre.shape
+    return pre.reshape(rows, width // groups, groups).transpose(1, 2)
+
+
+def _epilogue(z: torch.Tensor, index: int, norm_weight, norm_bias, config: HGTConfig,
+              row_keys: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+    """From the grouped-linear output z [T, g, c] (pre-shuffle) to the layer output [T, w]."""
+    rows = z.shape[0]
+    if config.shuffle:
+        z = feature_shuffle(z)
+    if norm_weight is not None:
+        z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
+    z = activation(z, config.layer_act(index)).reshape(rows, -1)
+    if seed is not None and config.dropout > 0:
+        keep = dropout_keep_mask(seed, index, row_keys, z.shape[1], config.dropout)
+        z = z * keep.to(z.dtype) / (1.0 - config.dropout)
+    return z
+
+
+def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[torch.Tensor],
+                       config: HGTConfig, scale: float = 1.0, seed: Optional[int] = None):
+    """(y, saved) with y as hgt_forward and saved as above."""
+    stack_in = input_rows(x, ids, scale)
+    keys = row_keys_for(x, ids)
+    saved, h = [], None
+    for index, (layer, (weight, bias, norm_weight, norm_bias)) in enumerate(
+            zip(config.layers, split_params(params, config))):
+        u = layer_input(layer.input_kind, stack_in, h, layer.groups)
+        z = grouped_linear(u, weight, bias)
+        pre = (feature_shuffle(z) if config.shuffle else z).reshape(u.shape[0], layer.out_features)
+        if index:
+            saved.append(u)
+        saved.append(pre)
+        h = _epilogue(z, index, norm_weight, norm_bias, config, keys, seed)
+    return h, saved
+
+
+def _split_input_grad(kind: str, grad_u: torch.Tensor, p: int, groups: int):
+    """Gradient of a layer input -> (stack-input part or None, previous-output part or None)."""
+    if kind == INPUT_X:
+        return grad_u, None
+    if kind == INPUT_PREV:
+        return None, grad_u
+    if kind == INPUT_CONCAT:
+        return grad_u[:, :p], grad_u[:, p:]
+    rows = grad_u.shape[0]
+    grouped = grad_u.reshape(rows, groups, -1)
+    xg = p // groups
+    return grouped[:, :, :xg].reshape(rows, p), grouped[:, :, xg:].reshape(rows, -1)
+
+
+def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tensor],
+                       params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor],
+                       config: HGTConfig, scale: float = 1.0, seed: Optional[int] = None):
+    """(grad_rows, grad_params) as hgt_backward, from hgt_forward_saving's saved tensors: per
+    layer, autograd through the elementwise epilogue only, then the GEMM gradients explicitly."""
+    stack_in = input_rows(x.detach(), ids, scale)
+    keys = row_keys_for(x, ids)
+    rows, p = stack_in.shape
+    layer_params = split_params(params, config)
+    grad_params = [None] * len(params)
+    offsets = [sum(config.params_per_layer(i) for i in range(index)) for index in range(len(config.layers))]
+    grad_x = torch.zeros(rows, p, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                         device=x.device)
+    gh = grad_y
+    for index in reversed(range(len(config.layers))):
+        layer = config.layers[index]
+        weight, bias, norm_weight, norm_bias = layer_params[index]
+        g = layer.groups
+        u = saved[2 * index - 1] if index else stack_in
+        pre = saved[2 * index]
+        with _autograd_inside_custom_op():
+            z = _unshuffle(pre, g) if config.shuffle else pre.reshape(rows, g, -1)
+            z = z.detach().requires_grad_(True)
+            affine = [t.detach().requires_grad_(True) for t in (norm_weight, norm_bias) if t is not None]
+            out = _epilogue(z, index, *(affine or [None, None]), config, keys, seed)
+            grads = torch.autograd.grad(out, [z] + affine, gh.to(out.dtype))
+        gz = grads[0]                                                     # [T, g, c]
+        gz_grouped = gz.transpose(0, 1)                                   # [g, T, c]
+        u_grouped = u.reshape(rows, g, -1).transpose(0, 1)                # [g, T, a/g]
+        offset = offsets[index]
+        grad_params[offset] = torch.bmm(u_grouped.transpose(1, 2), gz_grouped)
+        grad_params[offset + 1] = gz.sum(0)
+        for k, grad in enumerate(grads[1:]):
+            grad_params[offset + 2 + k] = grad
+        grad_u = torch.bmm(gz_grouped, weight.transpose(1, 2)).transpose(0, 1).reshape(rows, -1)
+        grad_in, gh = _split_input_grad(layer.input_kind, grad_u, p, g)
+        if grad_in is not None:
+            grad_x += grad_in
+    grad_rows = (grad_x * scale if scale != 1.0 else grad_x).to(x.dtype)
+    return grad_rows, grad_params

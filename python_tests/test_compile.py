@@ -27,7 +27,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("options", [dict(), dict(padding_idx=0, dropout=0.2)], ids=["plain", "pad-dropout"])
+@pytest.mark.parametrize("options", [dict(), dict(padding_idx=0, dropout=0.2),
+                                     dict(activations="save"), dict(activations="recompute", dropout=0.2),
+                                     dict(activations="save", backend="cpu_cpp", dropout=0.2)],
+                         ids=["plain", "pad-dropout", "save", "recompute-dropout", "save-cpu_cpp"])
 def test_compiled_define_matches_eager_forward_and_backward(options):
     model = TinyLM(**options)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")

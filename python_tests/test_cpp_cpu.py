@@ -12,7 +12,7 @@ from define_kernels import ops, reference
 from define_kernels.backends import cpp_ext
 from define_kernels.config import HGTConfig
 import expectations
-from tolerances import assert_close
+from tolerances import assert_close, assert_low_precision_close
 
 
 
@@ -78,6 +78,75 @@ def test_matches_reference(name, dtype):
     config = CONFIGS[name]
     x, ids = inputs(config, 37, dtype)
     check_against_reference(config, x, ids, dtype, seed=1234 if config.dropout else None)
+
+
+def _both_policies(x, ids, params, config, scale, seed, grad_y):
+    """{policy: (y, grad_rows, grad_params)} from the cpu_cpp ops of both activation policies."""
+    y = cpp_ext.forward(x, ids, params, config, scale, seed)
+    out = {"recompute": (y, *cpp_ext.backward(grad_y, x, ids, params, config, scale, seed))}
+    if x.dtype == torch.float16:  # the registry never asks cpu_cpp to save fp16 (save_dtypes)
+        return out
+    y_saving, saved = cpp_ext.forward_saving(x, ids, params, config, scale, seed)
+    out["save"] = (y_saving, *cpp_ext.backward_saved(grad_y, x, ids, params, saved, config, scale, seed))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
+    """Forward and every gradient of both policies against the float64 reference: the table's
+    tolerance for fp64/fp32, assert_low_precision_close (vs the reference run in the dtype) for
+    bf16/fp16."""
+    config = CONFIGS[name]
+    seed = 99 if config.dropout else None
+    x64, ids = inputs(config, 41, torch.float64)
+    params64 = make_params(config, torch.float64)
+    grad_y64 = torch.randn(41, config.out_dim, dtype=torch.float64)
+    exact_y = reference.hgt_forward(x64, ids, params64, config, 0.8, seed)
+    exact = (exact_y, *reference.hgt_backward(grad_y64, x64, ids, params64, config, 0.8, seed))
+    x, params, grad_y = x64.to(dtype), [p.to(dtype) for p in params64], grad_y64.to(dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        in_dtype = (reference.hgt_forward(x, ids, params, config, 0.8, seed),
+                    *reference.hgt_backward(grad_y, x, ids, params, config, 0.8, seed))
+    # ReLU's derivative jumps at 0: a rounding-level change of its input in bf16/fp16 flips a
+    # gate and moves a gradient by O(1), so with relu only the forward is held to the rule.
+    values_only = dtype in (torch.bfloat16, torch.float16) and config.act == "relu"
+    for policy, (y, grad_rows, grad_params) in _both_policies(x, ids, params, config, 0.8, seed, grad_y).items():
+        got = [y] if values_only else [y, grad_rows] + list(grad_params)
+        want = [exact[0], exact[1]] + list(exact[2])
+        names = ["y", "grad_rows"] + [f"grad_params[{i}]" for i in range(len(grad_params))]
+        for index, (a, b, label) in enumerate(zip(got, want, names)):
+            assert a.dtype == dtype, f"{policy} {label} has dtype {a.dtype}"
+            if dtype in (torch.float64, torch.float32):
+                assert_close(a, b.to(dtype), name=f"{policy} {label}")
+            else:
+                ref = ([in_dtype[0], in_dtype[1]] + list(in_dtype[2]))[index]
+                assert_low_precision_close(a, b, ref, name=f"{policy} {label}")
+
+
+@pytest.mark.parametrize("name", ["define", "dropout", "odd-widths-linear-reduce", "define_nomix-relu"])
+def test_policies_agree_exactly(name):
+    """The save policy's backward sees the very activations the recompute policy rebuilds."""
+    config = CONFIGS[name]
+    x, ids = inputs(config, 70, torch.float32)
+    params = make_params(config, torch.float32)
+    grad_y = torch.randn(70, config.out_dim)
+    runs = _both_policies(x, ids, params, config, 1.1, 5 if config.dropout else None, grad_y)
+    for a, b in zip([runs["save"][0], runs["save"][1], *runs["save"][2]],
+                    [runs["recompute"][0], runs["recompute"][1], *runs["recompute"][2]]):
+        assert torch.equal(a, b)
+
+
+def test_saved_layout_is_the_references():
+    """cpu_cpp's saved tensors are reference.hgt_forward_saving's (same layout and values)."""
+    config = CONFIGS["define-cycle-shuffle"]
+    x, ids = inputs(config, 30, torch.float64)
+    params = make_params(config)
+    _, saved = cpp_ext.forward_saving(x, ids, params, config, 0.7, None)
+    _, saved_ref = reference.hgt_forward_saving(x, ids, params, config, 0.7, None)
+    assert [tuple(t.shape) for t in saved] == reference.saved_shapes(config, 30)
+    for index, (a, b) in enumerate(zip(saved, saved_ref)):
+        assert_close(a, b, name=f"saved[{index}]")
 
 
 @pytest.mark.parametrize("rows,with_ids,id_dtype", [
@@ -148,6 +217,10 @@ def test_opcheck(name):
     torch.library.opcheck(torch.ops.define_kernels_C.hgt_backward.default, [grad_y] + args)
     dense = [torch.randn(5, config.in_dim, dtype=torch.float64), None] + args[2:]
     torch.library.opcheck(torch.ops.define_kernels_C.hgt_forward.default, dense)
+    torch.library.opcheck(torch.ops.define_kernels_C.hgt_forward_saving.default, args)
+    _, saved = torch.ops.define_kernels_C.hgt_forward_saving(*args)
+    torch.library.opcheck(torch.ops.define_kernels_C.hgt_backward_saved.default,
+                          [grad_y] + args[:3] + [list(saved)] + args[3:])
 
 
 def test_deterministic():
@@ -176,14 +249,10 @@ def _bad(config):
             args[2][index] = make(args[2][index])
         return edit
 
-    def half_everything(args):  # a dtype the fake accepts (CUDA takes it), the CPU kernel refuses
-        args[0], args[2] = args[0].half(), [p.half() for p in args[2]]
-
     layers = cpp_ext.encode_layers(config)
     return [
         ("x 3-D", at(0, lambda a: a[0][None]), ValueError, "x"),
         ("x int", at(0, lambda a: a[0].long()), ValueError, "x"),
-        ("x half", half_everything, ValueError, "x"),
         ("x width", at(0, lambda a: a[0][:, :-1]), ValueError, "layers"),
         ("ids 2-D", at(1, lambda a: a[1][None]), ValueError, "ids"),
         ("ids float", at(1, lambda a: a[1].double()), ValueError, "ids"),
@@ -199,9 +268,7 @@ def _bad(config):
     ]
 
 
-# The fake (shared by CPU and CUDA) accepts fp16, which only the CPU kernel refuses.
-BAD_CASES = [(case[0], fake) for case in _bad(CONFIGS["define"]) for fake in (False, True)
-             if not (fake and case[0] == "x half")]
+BAD_CASES = [(case[0], fake) for case in _bad(CONFIGS["define"]) for fake in (False, True)]
 
 
 @pytest.mark.parametrize("case,fake", BAD_CASES, ids=[f"{c}-{'fake' if f else 'cpp'}" for c, f in BAD_CASES])
@@ -222,6 +289,18 @@ def test_bad_inputs_name_the_argument(case, fake):
         grad_y = torch.randn(9, config.out_dim, dtype=torch.float64)
         with pytest.raises(error):
             torch.ops.define_kernels_C.hgt_backward(grad_y, *args)
+        with pytest.raises(error, match=pattern):
+            torch.ops.define_kernels_C.hgt_forward_saving(*args)
+
+
+def test_bad_saved_names_the_argument():
+    config = CONFIGS["define"]
+    args = c_args(config)
+    _, saved = torch.ops.define_kernels_C.hgt_forward_saving(*args)
+    grad_y = torch.randn(9, config.out_dim, dtype=torch.float64)
+    for bad, text in ((list(saved)[:-1], "saved"), (list(saved[:-1]) + [saved[-1][:, :-1]], r"saved\[")):
+        with pytest.raises(ValueError, match=text):
+            torch.ops.define_kernels_C.hgt_backward_saved(grad_y, *args[:3], bad, *args[3:])
 
 
 @pytest.mark.parametrize("bad_id", [-1, 29])

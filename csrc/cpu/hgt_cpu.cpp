@@ -1,154 +1,174 @@
-// CPU implementation of define_kernels_C::hgt_forward / hgt_backward (fp32, fp64).
-//
-// Rows are cut into tiles (hgt_tile.h) and the tiles into one contiguous chunk per thread.
-// Forward writes disjoint output rows. Backward gives every chunk its own parameter-gradient
-// buffers and sums them in chunk order afterwards, so a run is deterministic for a given thread
-// count (no atomics, no order-dependent accumulation).
-#include "hgt_tile.h"
-
-#include <define_kernels/checks.h>
-#include <define_kernels/dropout_hash.h>
+// CPU implementation of the define_kernels_C ops (fp32, fp64, bf16 with fp32 accumulation and
+// LayerNorm statistics, fp16 computed in fp32):
+//   hgt_forward / hgt_backward            recompute policy: backward reruns the forward;
+//   hgt_forward_saving / hgt_backward_saved  save policy: forward also returns the activations
+//                                          backward needs (per layer its pre-norm rows and its
+//                                          input buffer, see run_forward).
+// Layer by layer over the whole batch: the grouped GEMMs of hgt_layers.h, then the fused
+// epilogue of hgt_epilogue.h. The layer loop is generic over the layer table.
+#include "hgt_epilogue.h"
+#include "hgt_layers.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <numeric>
 #include <tuple>
 #include <vector>
 
 namespace define_kernels::cpu {
 namespace {
 
-
-struct Prepared {
-  at::Tensor x, ids;  // contiguous; ids int64 or undefined
-  std::vector<at::Tensor> params;
-  std::vector<LayerDesc> layers;
-  int64_t rows;
+struct Inputs {
+  Plan plan;
+  at::Tensor x;
+  std::vector<at::Tensor> params;  // detached, contiguous, in the compute type
+  at::ScalarType io, compute;      // the tensors' dtype; the dtype the GEMMs run in
 };
 
-Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
-                 c10::IntArrayRef layers, double dropout, int64_t seed) {
-  auto descs = check_hgt_args(x, ids, params, layers, dropout, seed);
-  DK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x",
-           "must be float32 or float64 for the CPU implementation, got ", x.scalar_type());
-  // Detached: the per-tile matmuls write into views (mm out=), which autograd refuses for
-  // inputs that require grad; this op is differentiated by its Python autograd rule instead.
-  Prepared out;
-  out.x = x.detach().contiguous();
-  if (ids.has_value()) {
-    check_ids_in_range(*ids, x.size(0));
-    out.ids = ids->to(at::kLong).contiguous();
-    out.rows = ids->size(0);
-  } else {
-    out.rows = x.size(0);
+// fp16 runs in fp32: CPUs without AVX512-FP16 have no fp16 GEMM (ATen's fallback is slower
+// than fp32), and fp32 GEMM outputs keep fp16's gradients within the reference's error.
+at::ScalarType compute_type(at::ScalarType st) { return st == at::kHalf ? at::kFloat : st; }
+
+Inputs prepare(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
+               c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
+  Inputs in;
+  in.plan = make_plan(x, ids, params, layers, shuffle, dropout, scale, seed);
+  const auto st = x.scalar_type();
+  DK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, "x",
+           "must be float32, float64, bfloat16 or float16 for the CPU implementation, got ", st);
+  // Detached: the GEMMs write into views (mm out=), which autograd refuses for inputs that
+  // require grad; these ops are differentiated by their Python autograd rules instead.
+  in.x = x.detach();
+  in.io = st;
+  in.compute = compute_type(st);
+  for (const auto& p : params) in.params.push_back(p.detach().to(in.compute).contiguous());
+  return in;
+}
+
+#define DK_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Runs the stack (output in the io type); with `keep`, also returns, in the compute type, saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
+// (pre_l [rows, w_l]: pre-norm rows; u_l [rows, a_l]: layer l's input buffer, see hgt_layers.h).
+std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bool keep) {
+  const Plan& plan = in.plan;
+  const int64_t L = static_cast<int64_t>(plan.layers.size());
+  const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
+  std::vector<at::Tensor> saved;
+  at::Tensor u = xs;
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& d = plan.layers[l];
+    at::Tensor z = at::empty({plan.rows, d.out_features}, xs.options());
+    layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
+    const bool last = l == L - 1;
+    at::Tensor next = at::empty({plan.rows, last ? d.out_features : plan.layers[l + 1].in_features},
+                                xs.options());
+    at::Tensor pre = keep ? at::empty_like(z) : at::Tensor();
+    const bool copy_x = !last && !plan.xcol[l + 1].empty();
+    DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_forward", [&] {
+      const auto out = last ? columns<scalar_t>(next) : columns<scalar_t>(next, &plan.hcol[l + 1]);
+      const auto x_out = copy_x ? columns<scalar_t>(next, &plan.xcol[l + 1]) : Columns<scalar_t>{};
+      epilogue_forward<scalar_t>(plan, l, in.params, z, out, keep ? &pre : nullptr,
+                                 copy_x ? &xs : nullptr, x_out);
+    });
+    if (keep) {
+      if (l > 0) saved.push_back(u);
+      saved.push_back(pre);
+    }
+    u = next;
   }
-  for (const auto& p : params) out.params.push_back(p.detach().contiguous());
-  out.layers = std::move(descs);
-  return out;
+  return {u.to(in.io), saved};
 }
 
-// Rows per tile: every tile streams all weights once, so the tile grows with the weight bytes
-// (one row per 64 KiB of weights: 128 rows for wt2-small, 512 for wt103-deep), from 128 to 512.
-// Measured on a 2-core EPYC (Zen 4), 16..1024 rows: below 128 the per-group matmuls starve (and
-// backward re-reads dW per tile); wide stacks gain a little from more rows.
-int64_t tile_rows(const Prepared& prep) {
-  int64_t weight_bytes = 0;
-  for (const auto& p : prep.params) weight_bytes += p.numel() * p.element_size();
-  int64_t rows = 128;
-  while (rows < 512 && rows * 65536 < weight_bytes) rows *= 2;
-  return rows;
-}
-
-// Output position -> pre-shuffle position of layer l ([g, c] -> transpose -> flatten).
-std::vector<int64_t> output_permutation(const LayerDesc& d, bool shuffle) {
-  std::vector<int64_t> perm(d.out_features);
-  const int64_t g = d.groups, c = d.out_per_group();
-  for (int64_t f = 0; f < d.out_features; ++f) perm[f] = shuffle ? (f % g) * c + f / g : f;
-  return perm;
-}
-
-template <typename T>
-StackArgs<T> stack_args(const Prepared& prep, bool shuffle, double dropout, double scale, int64_t seed) {
-  StackArgs<T> args;
-  args.x = prep.x.data_ptr<T>();
-  args.ids = prep.ids.defined() ? prep.ids.data_ptr<int64_t>() : nullptr;
-  for (const auto& p : prep.params) args.params.push_back(p.data_ptr<T>());
-  args.layers = prep.layers;
-  for (const auto& d : prep.layers) {
-    args.weights.push_back(prep.params[d.param_offset]);
-    args.perm.push_back(output_permutation(d, shuffle));
+void check_saved(const Inputs& in, const std::vector<at::Tensor>& saved) {
+  const Plan& plan = in.plan;
+  const int64_t L = static_cast<int64_t>(plan.layers.size());
+  DK_CHECK(static_cast<int64_t>(saved.size()) == 2 * L - 1, "saved", "must hold ", 2 * L - 1,
+           " tensors for these layers, got ", saved.size());
+  for (int64_t k = 0; k < 2 * L - 1; ++k) {
+    const auto& d = plan.layers[(k + 1) / 2];
+    const int64_t width = k % 2 == 0 ? d.out_features : d.in_features;
+    DK_CHECK(saved[k].dim() == 2 && saved[k].size(0) == plan.rows && saved[k].size(1) == width,
+             indexed("saved", k), "must have shape [", plan.rows, ", ", width, "], got ", saved[k].sizes());
+    check_same_place(saved[k], in.x, indexed("saved", k));
   }
-  args.p = prep.x.size(1);
-  args.scale = static_cast<T>(scale);
-  args.dropout_on = seed >= 0 && dropout > 0.0;
-  args.threshold = dropout_threshold(dropout);
-  args.keep_scale = static_cast<T>(1.0 / (1.0 - dropout));
-  args.seed = seed;
-  return args;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Backward from the kept activations (as run_forward(keep=true) returns them).
+std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, const at::Tensor& grad_y,
+                                                             const std::vector<at::Tensor>& saved) {
+  const Plan& plan = in.plan;
+  const int64_t L = static_cast<int64_t>(plan.layers.size());
+  const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
+  std::vector<at::Tensor> grad_params;
+  for (const auto& p : in.params) grad_params.push_back(at::empty_like(p));
+  const auto acc_type = xs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
+  at::Tensor gh = grad_y.to(in.compute).contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const auto& d = plan.layers[l];
+    const at::Tensor pre = saved[2 * l].to(in.compute).contiguous();
+    const at::Tensor u = l > 0 ? saved[2 * l - 1].to(in.compute).contiguous() : xs;
+    at::Tensor gz = at::empty_like(pre);
+    DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_backward", [&] {
+      const auto src = l == L - 1 ? columns<scalar_t>(gh) : columns<scalar_t>(gh, &plan.hcol[l + 1]);
+      epilogue_backward<scalar_t>(plan, l, in.params, src, pre, gz, grad_params);
+    });
+    at::Tensor gu = at::empty_like(u);
+    layer_gemm_backward(d, u, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
+    if (l == 0 || !plan.xcol[l].empty()) {
+      DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
+        add_input_grad<scalar_t>(plan, l == 0 ? columns<scalar_t>(gu) : columns<scalar_t>(gu, &plan.xcol[l]),
+                                 grad_acc.data_ptr<at::opmath_type<scalar_t>>());
+      });
+    }
+    gh = gu;
+  }
+  if (plan.scale != 1.0) grad_acc.mul_(plan.scale);
+  for (auto& g : grad_params) g = g.to(in.io);
+  return {grad_acc.to(in.io), grad_params};
+}
 
 at::Tensor hgt_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ids,
                            at::TensorList params, c10::IntArrayRef layers, bool shuffle,
                            double dropout, double scale, int64_t seed) {
-  const Prepared prep = prepare(x, ids, params, layers, dropout, seed);
-  const int64_t m = prep.layers.back().out_features;
-  at::Tensor y = at::empty({prep.rows, m}, x.options());
-  const int64_t tile = tile_rows(prep);
-  const int64_t tiles = ceil_div(prep.rows, tile);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hgt_forward_cpu", [&] {
-    const auto args = stack_args<scalar_t>(prep, shuffle, dropout, scale, seed);
-    scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      HgtTile<scalar_t> runner(args, tile, /*record=*/false);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t r0 = i * tile, n = std::min(tile, prep.rows - r0);
-        runner.forward(r0, n, out + r0 * m);
-      }
-    });
-  });
-  return y;
+  const Inputs in = prepare(x, ids, params, layers, shuffle, dropout, scale, seed);
+  return std::get<0>(run_forward(in, /*keep=*/false));
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_forward_saving_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
+    c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
+  const Inputs in = prepare(x, ids, params, layers, shuffle, dropout, scale, seed);
+  auto [y, saved] = run_forward(in, /*keep=*/true);
+  for (auto& t : saved) t = t.to(in.io);
+  return {y, saved};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& ids,
     at::TensorList params, c10::IntArrayRef layers, bool shuffle, double dropout, double scale,
     int64_t seed) {
-  const Prepared prep = prepare(x, ids, params, layers, dropout, seed);
-  check_grad_y(grad_y, x, prep.rows, prep.layers.back().out_features);
-  const at::Tensor gy = grad_y.detach().contiguous();
-  at::Tensor grad_rows = at::empty({prep.rows, x.size(1)}, x.options());
-  const int64_t tile = tile_rows(prep);
-  const int64_t tiles = ceil_div(prep.rows, tile);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  std::vector<std::vector<at::Tensor>> partial(chunks);
-  for (auto& grads : partial)
-    for (const auto& p : prep.params) grads.push_back(at::zeros_like(p));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hgt_backward_cpu", [&] {
-    const auto args = stack_args<scalar_t>(prep, shuffle, dropout, scale, seed);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      HgtTile<scalar_t> runner(args, tile, /*record=*/true);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        GradBuffers<scalar_t> grads{partial[chunk], {}};
-        for (auto& g : grads.grads) grads.ptrs.push_back(g.data_ptr<scalar_t>());
-        for (int64_t i = chunk * tiles / chunks; i < (chunk + 1) * tiles / chunks; ++i) {
-          const int64_t r0 = i * tile, n = std::min(tile, prep.rows - r0);
-          runner.backward(r0, n, gy.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), grads);
-        }
-      }
-    });
-  });
-  std::vector<at::Tensor> grad_params = partial[0];
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (size_t i = 0; i < grad_params.size(); ++i) grad_params[i].add_(partial[chunk][i]);
-  return {grad_rows, grad_params};
+  const Inputs in = prepare(x, ids, params, layers, shuffle, dropout, scale, seed);
+  check_grad_y(grad_y, x, in.plan.rows, in.plan.layers.back().out_features);
+  const auto saved = std::get<1>(run_forward(in, /*keep=*/true));
+  return run_backward(in, grad_y.detach(), saved);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_backward_saved_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& ids,
+    at::TensorList params, at::TensorList saved, c10::IntArrayRef layers, bool shuffle,
+    double dropout, double scale, int64_t seed) {
+  const Inputs in = prepare(x, ids, params, layers, shuffle, dropout, scale, seed);
+  check_grad_y(grad_y, x, in.plan.rows, in.plan.layers.back().out_features);
+  std::vector<at::Tensor> kept;
+  for (const auto& s : saved) kept.push_back(s.detach());
+  check_saved(in, kept);
+  return run_backward(in, grad_y.detach(), kept);
 }
 
 }  // namespace
@@ -157,4 +177,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> hgt_backward_cpu(
 TORCH_LIBRARY_IMPL(define_kernels_C, CPU, m) {
   m.impl("hgt_forward", &define_kernels::cpu::hgt_forward_cpu);
   m.impl("hgt_backward", &define_kernels::cpu::hgt_backward_cpu);
+  m.impl("hgt_forward_saving", &define_kernels::cpu::hgt_forward_saving_cpu);
+  m.impl("hgt_backward_saved", &define_kernels::cpu::hgt_backward_saved_cpu);
 }

@@ -8,15 +8,27 @@ asked for by name that cannot run raises `BackendUnavailableError` listing its r
 GPU backends are also checked against the reference on their first use per (config, dtype) and
 demoted for the process on a mismatch (first_use_check.py).
 
+Activation policies: "recompute" (backward reruns the forward from the inputs; every backend)
+and "save" (the forward also returns the activations the backward needs, `forward_saving` /
+`backward_saved`, in the layout of reference.saved_shapes). A backend lists the policies it
+supports in `activation_policies`; asking one for another is a reason it cannot run.
+
+`auto` order: priority, except that where `python -m bench.cpu_goals --write-ranking` recorded a
+measured ranking for the inputs' device and dtype (backends/measured_ranking.json), the measured
+backends take their places in measured order, fastest first (unmeasured backends keep theirs).
+
 Backends register themselves from the modules listed in `_BUILTIN_MODULES`; importing one must be
 cheap (heavy imports such as triton or a JIT build happen on first use).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -27,6 +39,9 @@ from . import first_use_check
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+RECOMPUTE, SAVE = "recompute", "save"
+ACTIVATION_POLICIES = (RECOMPUTE, SAVE)
+MEASURED_RANKING = Path(__file__).with_name("measured_ranking.json")
 ENV_BACKEND = "DEFINE_KERNELS_BACKEND"
 _BUILTIN_MODULES = (
     "torch_reference",
@@ -69,10 +84,19 @@ class Backend:
     unavailable_reason: Callable[[], Optional[str]] = _no_reason
     input_reasons: Callable[[OpInputs], List[str]] = _no_reasons
     description: str = ""
+    activation_policies: tuple = (RECOMPUTE,)
+    forward_saving: Optional[Callable] = None   # (x, ids, params, config, scale, seed) -> (y, saved)
+    backward_saved: Optional[Callable] = None   # (grad_y, x, ids, params, saved, config, scale, seed)
+    save_dtypes: Optional[tuple] = None          # dtypes "save" supports (None: all of dtypes)
 
-    def not_supported_reasons(self, inputs: OpInputs) -> List[str]:
+    def not_supported_reasons(self, inputs: OpInputs, policy: str = RECOMPUTE) -> List[str]:
         # Cheap metadata first: asking a backend for its global availability may build it.
         reasons = []
+        if policy not in self.activation_policies:
+            reasons.append(f"activation policy {policy!r} not supported (supports "
+                           f"{', '.join(self.activation_policies)})")
+        elif policy == SAVE and self.save_dtypes is not None and inputs.x.dtype not in self.save_dtypes:
+            reasons.append(f"activation policy 'save' not supported for {inputs.x.dtype}")
         if inputs.x.device.type not in self.devices:
             reasons.append(f"device {inputs.x.device.type} not in {self.devices}")
         if inputs.x.dtype not in self.dtypes:
@@ -131,20 +155,71 @@ def backend_status() -> List[tuple]:
     return [(backend.name, backend.unavailable_reason()) for backend in backends_by_priority()]
 
 
-def select(requested: str, inputs: OpInputs) -> Backend:
-    """The backend that runs these inputs: the requested one, or by priority for 'auto'."""
+def check_activation_policy(policy: str, argument: str = "activations") -> str:
+    if policy != AUTO and policy not in ACTIVATION_POLICIES:
+        raise ValueError(f"{argument} must be 'auto' or one of {ACTIVATION_POLICIES}, got {policy!r}")
+    return policy
+
+
+# "auto" activation policy per device type (bench/cpu_goals.py on the development CPU, README): "save" keeps ~2 activations per layer and skips the forward rerun in
+# backward. GPU backends implement only "recompute"; cpu_cpp saves no fp16 (see cpp_ext).
+DEFAULT_POLICY = {"cpu": SAVE}
+
+
+def resolve_activation_policy(policy: str, device: torch.device, dtype: torch.dtype,
+                              backend: str = AUTO) -> str:
+    """The policy to run: an explicit one as given; for 'auto' the device default, unless the
+    backend asked for (by name or set_backend) cannot keep activations for this dtype."""
+    if policy != AUTO:
+        return policy
+    chosen = DEFAULT_POLICY.get(device.type, RECOMPUTE) if dtype != torch.float16 else RECOMPUTE
+    name = get_backend() if backend == AUTO else backend
+    if chosen == SAVE and name in _REGISTRY:
+        named = _REGISTRY[name]
+        if SAVE not in named.activation_policies or (named.save_dtypes is not None
+                                                     and dtype not in named.save_dtypes):
+            return RECOMPUTE
+    return chosen
+
+
+@functools.lru_cache(maxsize=1)
+def measured_ranking() -> dict:
+    """{device type: {dtype name: [backend names, fastest first]}} from MEASURED_RANKING."""
+    try:
+        data = json.loads(MEASURED_RANKING.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {device: {dtype: list(names) for dtype, names in by_dtype.items()}
+            for device, by_dtype in data.get("ranking", {}).items()}
+
+
+def auto_order(device: torch.device, dtype: torch.dtype) -> List[Backend]:
+    """Backends in the order `auto` tries them for this device and dtype: priority order, with
+    the measured backends' places refilled in their measured order (unmeasured ones keep theirs)."""
+    ordered = backends_by_priority()
+    measured = measured_ranking().get(device.type, {}).get(str(dtype).replace("torch.", ""), [])
+    measured = [name for name in measured if name in _REGISTRY]
+    slots = [index for index, backend in enumerate(ordered) if backend.name in measured]
+    for slot, name in zip(slots, measured):
+        ordered[slot] = _REGISTRY[name]
+    return ordered
+
+
+def select(requested: str, inputs: OpInputs, policy: str = RECOMPUTE) -> Backend:
+    """The backend that runs these inputs: the requested one, or by measurement and priority for
+    'auto'."""
     name = check_backend_name(requested)
     if name == AUTO:
         name = get_backend()
     if name != AUTO:
         backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
+        reasons = backend.not_supported_reasons(inputs, policy) or first_use_check.reasons(backend, inputs)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
         return backend
     skipped = []
-    for backend in backends_by_priority():
-        reasons = backend.not_supported_reasons(inputs) or first_use_check.reasons(backend, inputs)
+    for backend in auto_order(inputs.x.device, inputs.x.dtype):
+        reasons = backend.not_supported_reasons(inputs, policy) or first_use_check.reasons(backend, inputs)
         if not reasons:
             if skipped:
                 logger.debug("auto backend %s; skipped %s", backend.name, skipped)

@@ -112,6 +112,20 @@ def sources(csrc: Path, with_cuda: bool) -> List[str]:
     return [str(f) for f in files]
 
 
+# The host's vector ISA for the CPU epilogue loops (`omp simd`), as torch itself detected it; the
+# JIT build runs on the machine that uses it. ATen's own vector headers are left at their default.
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+              "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
+
+
+def cpu_isa_flags() -> List[str]:
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return []
+    return _ISA_FLAGS.get(capability, [])
+
+
 def jit_build(verbose: bool = False) -> str:
     """Builds (or finds up to date in the cache) and loads the library; returns its path.
     Logs one line when the build starts and one when it ends, with the time it took."""
@@ -128,7 +142,7 @@ def jit_build(verbose: bool = False) -> str:
         name=EXT_NAME,
         sources=sources(csrc, with_cuda),
         extra_include_paths=[str(csrc / "include")],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp"] + cpu_isa_flags(),
         extra_cuda_cflags=["-O3", "-std=c++17"],
         extra_ldflags=["-fopenmp"],
         with_cuda=with_cuda,
@@ -280,6 +294,31 @@ def _register_fakes() -> None:
                              f"{list(grad_y.shape)} {grad_y.dtype}")
         return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
 
+    @torch.library.register_fake(f"{EXT_NAME}::hgt_forward_saving")
+    def _forward_saving_fake(x, ids, params, layers, shuffle, dropout, scale, seed):
+        table = check_cpp_args(x, ids, params, layers, dropout, seed)
+        rows = _rows(x, ids)
+        return x.new_empty(rows, table[-1][1]), [x.new_empty(rows, w) for w in _saved_widths(table)]
+
+    @torch.library.register_fake(f"{EXT_NAME}::hgt_backward_saved")
+    def _backward_saved_fake(grad_y, x, ids, params, saved, layers, shuffle, dropout, scale, seed):
+        table = check_cpp_args(x, ids, params, layers, dropout, seed)
+        rows = _rows(x, ids)
+        expected = [(rows, w) for w in _saved_widths(table)]
+        if [tuple(s.shape) for s in saved] != expected:
+            raise ValueError(f"saved must hold tensors of shapes {expected}, got "
+                             f"{[tuple(s.shape) for s in saved]}")
+        return x.new_empty(rows, x.shape[1]), [torch.empty_like(p) for p in params]
+
+
+def _saved_widths(table) -> List[int]:
+    """Widths of the save policy's tensors [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]:
+    out_features of every layer, and in_features of every layer but the first."""
+    widths = []
+    for index, (a, w, *_rest) in enumerate(table):
+        widths += ([a] if index else []) + [w]
+    return widths
+
 
 # ----------------------------------------------------------------------------- backends
 def _ops():
@@ -296,6 +335,19 @@ def forward(x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0
 def backward(grad_y, x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0, seed=None):
     grad_rows, grad_params = _ops().hgt_backward(
         grad_y, x, ids, list(params), *cpp_args(config, scale, seed))
+    return grad_rows, list(grad_params)
+
+
+def forward_saving(x, ids, params: Sequence[torch.Tensor], config: HGTConfig, scale=1.0, seed=None):
+    y, saved = _ops().hgt_forward_saving(x, ids, list(params), *cpp_args(config, scale, seed))
+    return y, list(saved)
+
+
+def backward_saved(grad_y, x, ids, params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor],
+                   config: HGTConfig, scale=1.0, seed=None):
+    layers, shuffle, dropout, scale, seed = cpp_args(config, scale, seed)
+    grad_rows, grad_params = _ops().hgt_backward_saved(
+        grad_y, x, ids, list(params), list(saved), layers, shuffle, dropout, scale, seed)
     return grad_rows, list(grad_params)
 
 
@@ -316,22 +368,26 @@ def _cuda_input_reasons(inputs) -> List[str]:
     return [f"{layers} layers, the CUDA kernels take at most {CUDA_MAX_LAYERS}"] if layers > CUDA_MAX_LAYERS else []
 
 
-# cpu_cpp goes AFTER the reference in `auto`: measured side by side on the quiet 2-core
-# development CPU (AMD EPYC, torch 2.13 CPU, fp32, 2,048-2,618 rows) it is slower than the
-# reference's batched matmuls: forward x0.70 (wt103-base) to x0.95 (wt103-deep), forward+backward
-# x0.72-0.95 (bench/results/, provider define-cpu_cpp vs define-torch). Ask for it by name.
+# `auto` order on CPU comes from the measured ranking (backends/measured_ranking.json); without
+# one for a dtype, cpu_cpp follows the reference.
 CPU_PRIORITY = 2000
 
 register_backend(Backend(
     name="cpu_cpp",
     priority=CPU_PRIORITY,
     devices=("cpu",),
-    dtypes=(torch.float32, torch.float64),
+    dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
     forward=forward,
     backward=backward,
     unavailable_reason=unavailable_reason,
-    description="C++ CPU kernels (csrc/cpu): token tiles carried through every layer, "
-                "at::parallel_for over tiles; float32/float64",
+    activation_policies=("recompute", "save"),
+    # fp16 computes in fp32 (csrc/cpu/hgt_cpu.cpp); its saved activations would be rounded to
+    # fp16 and LayerNorm's backward amplifies that past the reference's error.
+    save_dtypes=(torch.float32, torch.float64, torch.bfloat16),
+    forward_saving=forward_saving,
+    backward_saved=backward_saved,
+    description="C++ CPU kernels (csrc/cpu): per layer whole-batch grouped GEMMs (ATen mm on "
+                "strided views) and one fused row-block epilogue; fp32/fp64/bf16/fp16",
 ))
 
 register_backend(Backend(

@@ -11,5 +11,9 @@ register_backend(Backend(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     forward=reference.hgt_forward,
     backward=reference.hgt_backward,
-    description="pure PyTorch reference (docs/math.md §2), gradients by autograd over a recomputed forward",
+    activation_policies=("recompute", "save"),
+    forward_saving=reference.hgt_forward_saving,
+    backward_saved=reference.hgt_backward_saved,
+    description="pure PyTorch reference (reference.py, docs/math.md §2): gradients by autograd over a recomputed "
+                "forward, or (save) from the kept activations",
 ))

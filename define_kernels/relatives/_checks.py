@@ -14,6 +14,10 @@ def check_ids(ids: torch.Tensor, num_embeddings: int, device: torch.device) -> N
 
 
 def check_hidden(h, width: int, dtype: torch.dtype, argument: str = "h") -> None:
+    """h [..., width] in the parameters' dtype, or (as nn.Linear allows) in the autocast dtype
+    of an autocast region on h's device."""
     check_last_dim(h, width, argument)
-    if h.dtype != dtype:
+    device_type = h.device.type
+    if h.dtype != dtype and not (torch.is_autocast_enabled(device_type)
+                                 and h.dtype == torch.get_autocast_dtype(device_type)):
         raise ValueError(f"{argument} has dtype {h.dtype} but the parameters have {dtype}")

@@ -1,0 +1,208 @@
+"""The CPU goals of issue 9 side by side in one run (wt103-base, WikiText-2 ids):
+
+    python -m bench.cpu_goals [--tokens 8192] [--rounds 5] [--no-compile] [--write-ranking]
+
+Every round times each case once, in a fixed order, with the fp32 and bf16 matmul yardsticks
+([T, 928] x [928, 1024], the stack's biggest GEMM shape) measured in the same round, so a noisy
+machine shows as spread rather than as a wrong ratio. Reports medians, p20-p80, and each case's
+share of the same-round matmul rate. Writes bench/results/<date>_cpu-goals_<commit>.csv and,
+with --write-ranking, define_kernels/backends/measured_ranking.json (the `auto` order per dtype
+from the fwd+bwd times of the backends measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from define_kernels import DeFINE
+from define_kernels import backends as registry
+from define_kernels.workloads import WORKLOADS
+
+from .plain_stack import PlainStack
+from .workloads import batch_ids
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_cases(ids, compile_plain: bool):
+    """name -> (callable running one step, FLOP of that step, description)."""
+    w = WORKLOADS["wt103-base"]
+    unique = int(torch.unique(ids).numel())
+    macs = w.config().macs_per_token * unique
+    cases = {}
+
+    def define(backend, activations, dtype=torch.float32, sparse=False):
+        torch.manual_seed(0)
+        return DeFINE(**w.define_kwargs(), backend=backend, activations=activations, cache=False,
+                      sparse=sparse).to(dtype)
+
+    def fwd(module, autocast=False):
+        def run():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                module(ids)
+        return run
+
+    def fwd_bwd(module, autocast=False, grad_dtype=torch.float32):
+        grad = torch.randn(ids.numel(), w.embedding_dim).to(grad_dtype)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = module(ids)
+            y.backward(grad.to(y.dtype))
+            module.zero_grad(set_to_none=True)
+        return run
+
+    def train(module, optimizers, autocast=False):
+        grad = torch.randn(ids.numel(), w.embedding_dim)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = module(ids)
+            y.backward(grad.to(y.dtype))
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return run
+
+    plain = PlainStack(define("torch", "recompute"))
+    plain_bf16 = PlainStack(define("torch", "recompute", torch.bfloat16))
+    cases["plain-eager fwd"] = (fwd(plain), 2 * macs, "fp32")
+    cases["plain-eager fwd+bwd"] = (fwd_bwd(plain), 6 * macs, "fp32")
+    cases["plain-eager bf16 fwd+bwd"] = (fwd_bwd(plain_bf16, grad_dtype=torch.bfloat16), 6 * macs, "bf16")
+    if compile_plain:
+        compiled = torch.compile(plain)
+        cases["plain-compile fwd+bwd"] = (fwd_bwd(compiled), 6 * macs, "fp32")
+    for policy in ("recompute", "save"):
+        module = define("cpu_cpp", policy)
+        cases[f"cpu_cpp-{policy} fwd"] = (fwd(module), 2 * macs, "fp32")
+        flop = (8 if policy == "recompute" else 6) * macs
+        cases[f"cpu_cpp-{policy} fwd+bwd"] = (fwd_bwd(module), flop, "fp32")
+    module_bf16 = define("cpu_cpp", "save", torch.bfloat16)
+    cases["cpu_cpp-save bf16 fwd+bwd"] = (fwd_bwd(module_bf16, grad_dtype=torch.bfloat16), 6 * macs, "bf16")
+    module_ac = define("cpu_cpp", "save")
+    cases["cpu_cpp-save autocast fwd+bwd"] = (fwd_bwd(module_ac, autocast=True), 6 * macs, "bf16")
+    ref = define("torch", "recompute")
+    cases["torch-recompute fwd+bwd"] = (fwd_bwd(ref), 8 * macs, "fp32")
+    cases["torch-save fwd+bwd"] = (fwd_bwd(define("torch", "save")), 6 * macs, "fp32")
+    cases["torch bf16 fwd+bwd"] = (fwd_bwd(define("torch", "recompute", torch.bfloat16),
+                                           grad_dtype=torch.bfloat16), 8 * macs, "bf16")
+    emb = torch.nn.Embedding(w.vocab_size, w.embedding_dim)
+    cases["embedding train fp32"] = (train(emb, [torch.optim.AdamW(emb.parameters(), fused=True)]), 0, "fp32")
+    cases["embedding train autocast"] = (train(emb, [torch.optim.AdamW(emb.parameters(), fused=True)], True), 0, "bf16")
+    dense = define("cpu_cpp", "save")
+    cases["cpu_cpp train fp32"] = (train(dense, [torch.optim.AdamW(dense.parameters(), fused=True)]), 6 * macs, "fp32")
+    cases["cpu_cpp train autocast"] = (train(dense, [torch.optim.AdamW(dense.parameters(), fused=True)], True), 6 * macs, "bf16")
+    sparse = define("cpu_cpp", "save", sparse=True)
+    rest = [p for n, p in sparse.named_parameters() if n != "map_weight"]
+    sparse_opts = [torch.optim.SparseAdam([sparse.map_weight]), torch.optim.AdamW(rest, fused=True)]
+    cases["cpu_cpp-sparse train fp32"] = (train(sparse, sparse_opts), 6 * macs, "fp32")
+    cases["cpu_cpp-sparse train autocast"] = (train(sparse, sparse_opts, True), 6 * macs, "bf16")
+    return cases, unique
+
+
+def matmul_rate(rows: int, dtype) -> float:
+    a, b = torch.randn(rows, 928).to(dtype), torch.randn(928, 1024).to(dtype)
+    a @ b
+    started = time.perf_counter()
+    a @ b
+    return 2 * rows * 928 * 1024 / (time.perf_counter() - started)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--write-ranking", action="store_true")
+    args = parser.parse_args(argv)
+    ids = batch_ids(WORKLOADS["wt103-base"], args.tokens, corpus="wikitext-2")
+    cases, unique = build_cases(ids, not args.no_compile)
+    for run, _, _ in cases.values():  # warm-up (JIT build, compile, allocator)
+        run()
+    times = {name: [] for name in cases}
+    rates = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        rates["fp32"].append(matmul_rate(unique, torch.float32))
+        rates["bf16"].append(matmul_rate(unique, torch.bfloat16))
+        for name, (run, _, _) in cases.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    rows = []
+    print(f"wt103-base, {args.tokens} WikiText-2 ids ({unique} distinct), {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds; matmul fp32 {statistics.median(rates['fp32']) / 1e9:.0f} GFLOP/s "
+          f"(min {min(rates['fp32']) / 1e9:.0f}, max {max(rates['fp32']) / 1e9:.0f}), bf16 "
+          f"{statistics.median(rates['bf16']) / 1e9:.0f} GFLOP/s")
+    print("| case | median ms | p20-p80 ms | GFLOP | % of same-round matmul rate |")
+    print("|---|---|---|---|---|")
+    for name, samples in times.items():
+        _, flop, kind = cases[name]
+        q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+        share = statistics.median(flop / t / r for t, r in zip(samples, rates[kind])) * 100 if flop else float("nan")
+        rows.append(dict(case=name, median_ms=statistics.median(samples) * 1e3, p20_ms=q[0] * 1e3,
+                         p80_ms=q[-1] * 1e3, gflop=flop / 1e9, matmul_share_pct=share, rate_kind=kind,
+                         tokens=args.tokens, unique=unique, threads=torch.get_num_threads(),
+                         matmul_fp32_gflops=statistics.median(rates["fp32"]) / 1e9,
+                         matmul_bf16_gflops=statistics.median(rates["bf16"]) / 1e9,
+                         torch=torch.__version__, commit=_commit()))
+        print(f"| {name} | {rows[-1]['median_ms']:.1f} | {rows[-1]['p20_ms']:.1f}-{rows[-1]['p80_ms']:.1f} "
+              f"| {flop / 1e9:.1f} | {share:.0f}% |")
+    med = {r["case"]: r["median_ms"] for r in rows}
+    best_plain = min(med["plain-eager fwd+bwd"], med.get("plain-compile fwd+bwd", float("inf")))
+    goals = [
+        ("cpu_cpp fp32 fwd+bwd / best plain (goal <= 0.90)", med["cpu_cpp-save fwd+bwd"] / best_plain),
+        ("cpu_cpp fp32 fwd / plain eager fwd (goal <= 0.90)", med["cpu_cpp-save fwd"] / med["plain-eager fwd"]),
+        ("cpu_cpp bf16 module fwd+bwd / fp32 (goal <= 0.50)", med["cpu_cpp-save bf16 fwd+bwd"] / med["cpu_cpp-save fwd+bwd"]),
+        ("cpu_cpp autocast fwd+bwd / fp32 (goal <= 0.50)", med["cpu_cpp-save autocast fwd+bwd"] / med["cpu_cpp-save fwd+bwd"]),
+        ("best DeFINE train fp32 / embedding fp32 (goal <= 0.90)",
+         min(med["cpu_cpp train fp32"], med["cpu_cpp-sparse train fp32"]) / med["embedding train fp32"]),
+        ("best DeFINE train autocast / embedding fp32 (goal <= 0.50)",
+         min(med["cpu_cpp train autocast"], med["cpu_cpp-sparse train autocast"]) / med["embedding train fp32"]),
+    ]
+    print()
+    for label, ratio in goals:
+        print(f"{label}: {ratio:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
+    path = RESULTS / f"{stamp}_cpu-goals_{_commit()}.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        for label, ratio in goals:
+            writer.writerow({"case": "goal: " + label, "median_ms": ratio})
+    print(f"wrote {path}")
+    if args.write_ranking:
+        write_ranking(med, path.name)
+
+
+def write_ranking(med: dict, source: str) -> None:
+    """`auto` order on CPU per dtype from this run's fwd+bwd medians (best policy per backend)."""
+    fp32 = {"cpu_cpp": min(med["cpu_cpp-save fwd+bwd"], med["cpu_cpp-recompute fwd+bwd"]),
+            "torch": min(med["torch-recompute fwd+bwd"], med["torch-save fwd+bwd"])}
+    bf16 = {"cpu_cpp": med["cpu_cpp-save bf16 fwd+bwd"], "torch": med["torch bf16 fwd+bwd"]}
+    ranking = {"float32": sorted(fp32, key=fp32.get), "bfloat16": sorted(bf16, key=bf16.get)}
+    data = {"source": f"bench/results/{source} (python -m bench.cpu_goals --write-ranking)",
+            "ranking": {"cpu": ranking}}
+    registry.MEASURED_RANKING.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {registry.MEASURED_RANKING}: {ranking}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+// The fused per-layer passes of the CPU stack, over blocks of rows in parallel.
+//
+// Forward, per row: v = z[perm] (the GEMM output with bias, shuffle folded into the read);
+// LayerNorm per group with statistics in the
+// compute type (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store
+// into the next layer's input buffer at its column map (hgt_layers.h), beside a copy of the
+// stack input's row.
+// With `keep` the pre-norm row v is stored too: it is all the backward needs besides the
+// layer inputs (LN statistics are recomputed from it, cheaply, in the same pass).
+// Backward, per row: dropout mask, activation derivative, LN backward, store gz at the
+// pre-shuffle positions; bias and norm-affine gradients go to per-block partial sums that are
+// added in block order afterwards (fixed order: deterministic for any thread count).
+#pragma once
+
+#include "activations.h"
+#include "hgt_layers.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace define_kernels::cpu {
+
+constexpr int64_t kBlockRows = 32;  // rows per work item: one block's rows stay in L2
+
+inline int64_t num_blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
+
+// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (nullptr: identity).
+template <typename T>
+struct Columns {
+  T* base;
+  int64_t ld;
+  const int64_t* col;
+  T* row(int64_t t) const { return base + t * ld; }
+  int64_t at(int64_t f) const { return col ? col[f] : f; }
+};
+
+template <typename T>
+Columns<T> columns(const at::Tensor& t, const std::vector<int64_t>* col = nullptr) {
+  return {t.data_ptr<T>(), t.size(1), col && !col->empty() ? col->data() : nullptr};
+}
+
+template <typename T>
+struct LayerParams {
+  const T* bias;
+  const T* gamma;  // nullptr without norm
+  const T* beta;
+};
+
+template <typename T>
+LayerParams<T> layer_params(const Plan& plan, int64_t l, at::TensorList params) {
+  const auto& d = plan.layers[l];
+  const int64_t o = d.param_offset;
+  return {params[o + 1].data_ptr<T>(), d.has_norm ? params[o + 2].data_ptr<T>() : nullptr,
+          d.has_norm ? params[o + 3].data_ptr<T>() : nullptr};
+}
+
+inline int64_t row_key(const Plan& plan, int64_t r) {
+  return plan.ids.defined() ? plan.ids.data_ptr<int64_t>()[r] : r;
+}
+
+// Per-group mean and 1/std of v [c] (biased variance, eps 1e-5 as nn.LayerNorm).
+template <typename A>
+inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < c; ++k) sum += v[k];
+  mean = sum / A(c);
+  A var = 0;
+#pragma omp simd reduction(+ : var)
+  for (int64_t k = 0; k < c; ++k) var += (v[k] - mean) * (v[k] - mean);
+  rstd = A(1) / std::sqrt(var / A(c) + A(1e-5));
+}
+
+// z [rows, w] GEMM output -> out; pre [rows, w] (pre-norm rows) when given; with x_out, also
+// copies xs [rows, p] into the next layer's input.
+template <typename T>
+void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const at::Tensor& z,
+                      Columns<T> out, at::Tensor* pre, const at::Tensor* xs, Columns<T> x_out) {
+  using A = at::opmath_type<T>;
+  const auto& d = plan.layers[l];
+  const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
+  const auto lp = layer_params<T>(plan, l, params);
+  const int64_t* perm = plan.perm[l].data();
+  const T* zp = z.data_ptr<T>();
+  const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
+  const int64_t p = plan.p;
+  T* prep = pre ? pre->data_ptr<T>() : nullptr;
+  const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
+  const A keep_scale = A(plan.keep_scale);
+  at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> row(w);
+    A* v = row.data();
+    for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
+      const T* zt = zp + t * w;
+      for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
+      if (prep) {
+        T* dst = prep + t * w;
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) dst[f] = T(v[f]);
+      }
+      if (d.has_norm) {
+        for (int64_t j = 0; j < g; ++j) {
+          A* vg = v + j * c;
+          A mean, rstd;
+          group_stats(vg, c, mean, rstd);
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) vg[k] = (vg[k] - mean) * rstd * A(lp.gamma[k]) + A(lp.beta[k]);
+        }
+      }
+      act_forward_row(d.act, v, w);
+      if (plan.dropout_on) {
+        const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
+        for (int64_t f = 0; f < w; ++f)
+          if (!dropout_keep(rh, f, plan.threshold)) v[f] = A(0);
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] *= keep_scale;
+      }
+      T* o = out.row(t);
+      if (out.col) {
+        for (int64_t f = 0; f < w; ++f) o[out.col[f]] = T(v[f]);
+      } else {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) o[f] = T(v[f]);
+      }
+      if (xsp) {
+        const T* xr = xsp + t * p;
+        T* xo = x_out.row(t);
+        for (int64_t k = 0; k < p; ++k) xo[x_out.at(k)] = xr[k];
+      }
+    }
+  });
+}
+
+// gh (gradient of the layer output, through a column map), pre [rows, w] -> gz [rows, w]
+// (pre-shuffle); writes the bias / norm gradients of the layer (grad_params entries).
+template <typename T>
+void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Columns<T> gh,
+                       const at::Tensor& pre, at::Tensor& gz, std::vector<at::Tensor>& grad_params) {
+  using A = at::opmath_type<T>;
+  const auto& d = plan.layers[l];
+  const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
+  const auto lp = layer_params<T>(plan, l, params);
+  const int64_t* perm = plan.perm[l].data();
+  const T* prep = pre.data_ptr<T>();
+  T* gzp = gz.data_ptr<T>();
+  const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
+  const A keep_scale = A(plan.keep_scale);
+  // Per block: bias partial [w] (pre-shuffle order), then dgamma [c], dbeta [c].
+  const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
+  std::vector<A> partial(blocks * width, A(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> buf(3 * w), rstd_row(g);
+    A* gr = buf.data();        // gradient row
+    A* xh = gr + w;            // normalized row
+    A* act_in = xh + w;        // activation input
+    for (int64_t b = b0; b < b1; ++b) {
+      A* db = partial.data() + b * width;
+      A* dgamma = db + w;
+      A* dbeta = dgamma + c;
+      for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
+        const T* ght = gh.row(t);
+        const T* pt = prep + t * w;
+        if (gh.col) {
+          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[gh.col[f]]);
+        } else {
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[f]);
+        }
+        if (plan.dropout_on) {
+          const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
+          for (int64_t f = 0; f < w; ++f)
+            gr[f] = dropout_keep(rh, f, plan.threshold) ? gr[f] * keep_scale : A(0);
+        }
+        if (d.has_norm) {
+          for (int64_t j = 0; j < g; ++j) {
+            A* xg = xh + j * c;
+#pragma omp simd
+            for (int64_t k = 0; k < c; ++k) xg[k] = A(pt[j * c + k]);
+            A mean, rstd;
+            group_stats(xg, c, mean, rstd);
+            rstd_row[j] = rstd;
+#pragma omp simd
+            for (int64_t k = 0; k < c; ++k) {
+              xg[k] = (xg[k] - mean) * rstd;
+              act_in[j * c + k] = xg[k] * A(lp.gamma[k]) + A(lp.beta[k]);
+            }
+          }
+        } else {
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) act_in[f] = A(pt[f]);
+        }
+        act_backward_row(d.act, act_in, gr, w);
+        if (d.has_norm) {
+          for (int64_t j = 0; j < g; ++j) {
+            const A* xg = xh + j * c;
+            A* gg = gr + j * c;
+            A sum1 = 0, sum2 = 0;
+#pragma omp simd reduction(+ : sum1, sum2)
+            for (int64_t k = 0; k < c; ++k) {
+              dgamma[k] += gg[k] * xg[k];
+              dbeta[k] += gg[k];
+              gg[k] *= A(lp.gamma[k]);
+              sum1 += gg[k];
+              sum2 += gg[k] * xg[k];
+            }
+            const A rstd = rstd_row[j], m1 = sum1 / A(c), m2 = sum2 / A(c);
+#pragma omp simd
+            for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - xg[k] * m2);
+          }
+        }
+        T* gzt = gzp + t * w;
+        for (int64_t f = 0; f < w; ++f) {
+          gzt[perm[f]] = T(gr[f]);
+          db[perm[f]] += gr[f];
+        }
+      }
+    }
+  });
+  // Block partials in block order, parallel over columns.
+  std::vector<A> total(width, A(0));
+  at::parallel_for(0, width, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const A* pb = partial.data() + b * width;
+      for (int64_t k = k0; k < k1; ++k) total[k] += pb[k];
+    }
+  });
+  const int64_t o = d.param_offset;
+  T* gb = grad_params[o + 1].data_ptr<T>();
+  for (int64_t k = 0; k < w; ++k) gb[k] = T(total[k]);
+  if (d.has_norm) {
+    T* dg = grad_params[o + 2].data_ptr<T>();
+    T* dbt = grad_params[o + 3].data_ptr<T>();
+    for (int64_t k = 0; k < c; ++k) {
+      dg[k] = T(total[w + k]);
+      dbt[k] = T(total[w + c + k]);
+    }
+  }
+}
+
+// acc [rows, p] (compute type) += the stack-input columns of gu (the gradient of a layer input).
+template <typename T>
+void add_input_grad(const Plan& plan, Columns<T> gu, at::opmath_type<T>* acc) {
+  const int64_t p = plan.p;
+  at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
+      const T* src = gu.row(t);
+      auto* dst = acc + t * p;
+      if (gu.col) {
+        for (int64_t k = 0; k < p; ++k) dst[k] += src[gu.col[k]];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < p; ++k) dst[k] += src[k];
+      }
+    }
+  });
+}
+
+}  // namespace define_kernels::cpu

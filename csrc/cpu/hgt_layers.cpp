@@ -1,0 +1,96 @@
+// See hgt_layers.h.
+#include "hgt_layers.h"
+
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+
+#include <numeric>
+
+namespace define_kernels::cpu {
+namespace {
+
+// Column maps of u_l for layer l >= 1 (see hgt_layers.h and reference.mix_input).
+void input_maps(const LayerDesc& d, int64_t p, int64_t prev_width, std::vector<int64_t>& xcol,
+                std::vector<int64_t>& hcol) {
+  xcol.clear();
+  hcol.resize(prev_width);
+  if (d.input_kind == kInputPrev) {
+    std::iota(hcol.begin(), hcol.end(), int64_t(0));
+    return;
+  }
+  xcol.resize(p);
+  if (d.input_kind == kInputConcat) {  // u = [x, h]
+    std::iota(xcol.begin(), xcol.end(), int64_t(0));
+    std::iota(hcol.begin(), hcol.end(), p);
+    return;
+  }
+  const int64_t g = d.groups, xg = p / g, hg = prev_width / g;  // mix: per group j, x_j then h_j
+  for (int64_t k = 0; k < p; ++k) xcol[k] = (k / xg) * (xg + hg) + k % xg;
+  for (int64_t k = 0; k < prev_width; ++k) hcol[k] = (k / hg) * (xg + hg) + xg + k % hg;
+}
+
+}  // namespace
+
+Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
+               c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
+  Plan plan;
+  plan.layers = check_hgt_args(x, ids, params, layers, dropout, seed);
+  plan.p = x.size(1);
+  if (ids.has_value()) {
+    check_ids_in_range(*ids, x.size(0));
+    plan.ids = ids->to(at::kLong).contiguous();
+    plan.rows = ids->size(0);
+  } else {
+    plan.rows = x.size(0);
+  }
+  const size_t L = plan.layers.size();
+  plan.xcol.resize(L);
+  plan.hcol.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    const auto& d = plan.layers[l];
+    if (l > 0) input_maps(d, plan.p, plan.layers[l - 1].out_features, plan.xcol[l], plan.hcol[l]);
+    std::vector<int64_t> perm(d.out_features);
+    const int64_t g = d.groups, c = d.out_per_group();
+    for (int64_t f = 0; f < d.out_features; ++f) perm[f] = shuffle ? (f % g) * c + f / g : f;
+    plan.perm.push_back(std::move(perm));
+  }
+  plan.scale = scale;
+  plan.dropout_on = seed >= 0 && dropout > 0.0;
+  plan.threshold = dropout_threshold(dropout);
+  plan.keep_scale = 1.0 / (1.0 - dropout);
+  plan.seed = seed;
+  return plan;
+}
+
+at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
+  at::Tensor rows = plan.ids.defined() ? at::index_select(x, 0, plan.ids) : x.contiguous();
+  if (plan.scale == 1.0) return rows;
+  return plan.ids.defined() ? rows.mul_(plan.scale) : rows.mul(plan.scale);
+}
+
+void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& z) {
+  const int64_t ag = d.in_per_group(), c = d.out_per_group();
+  for (int64_t j = 0; j < d.groups; ++j) {
+    at::Tensor z_j = z.narrow(1, j * c, c);
+    // Bias inside the GEMM (beta = 1): one rounding in bf16/fp16, as the reference's baddbmm.
+    at::addmm_out(z_j, bias[j], u.narrow(1, j * ag, ag), weight[j]);
+  }
+}
+
+void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                         const at::Tensor& gz, at::Tensor& grad_weight, at::Tensor* grad_u) {
+  const int64_t ag = d.in_per_group(), c = d.out_per_group();
+  for (int64_t j = 0; j < d.groups; ++j) {
+    const at::Tensor gz_j = gz.narrow(1, j * c, c);
+    at::Tensor gw_j = grad_weight[j];
+    at::mm_out(gw_j, u.narrow(1, j * ag, ag).t(), gz_j);
+    if (grad_u) {
+      at::Tensor gu_j = grad_u->narrow(1, j * ag, ag);
+      at::mm_out(gu_j, gz_j, weight[j].t());
+    }
+  }
+}
+
+}  // namespace define_kernels::cpu

@@ -1,0 +1,50 @@
+// Whole-batch pieces of the CPU HGT stack: the per-call plan, the gather, and each layer's
+// grouped GEMMs forward and backward (ATen mm on strided views: MKL/oneDNN, multithreaded).
+//
+// Layer l >= 1 reads a buffer u_l [rows, a_l] laid out as its grouped input (group j's slice is
+// columns [j a_l/g, (j+1) a_l/g)): the previous layer's epilogue writes its output straight into
+// u_l's columns (hcol map) and the stack input's columns are copied in beside it (xcol map), so
+// the split-and-mix or concat skip costs no extra pass and every group is one GEMM with the full
+// depth a_l/g. Layer 0 reads the gathered input xs itself.
+#pragma once
+
+#include <define_kernels/checks.h>
+#include <define_kernels/dropout_hash.h>
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace define_kernels::cpu {
+
+// Everything one op call shares; built once per call by make_plan.
+struct Plan {
+  std::vector<LayerDesc> layers;
+  // [layer]: column of u_l holding column k of xs (empty: no skip) / column k of h_{l-1}.
+  std::vector<std::vector<int64_t>> xcol, hcol;
+  std::vector<std::vector<int64_t>> perm;  // [layer]: output position -> pre-shuffle position
+  int64_t rows = 0, p = 0;
+  double scale = 1.0;
+  bool dropout_on = false;
+  uint32_t threshold = 0;
+  double keep_scale = 1.0;
+  int64_t seed = -1;
+  at::Tensor ids;  // int64 contiguous, or undefined (row key = row index)
+};
+
+Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
+               c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed);
+
+// The stack input rows: x gathered by ids (or x itself), times scale; [rows, p] contiguous.
+at::Tensor gather_input(const at::Tensor& x, const Plan& plan);
+
+// z [rows, w] (pre-shuffle) = u [rows, a] times the layer's block-diagonal weight, plus bias.
+void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                        const at::Tensor& bias, at::Tensor& z);
+
+// From gz [rows, w] (pre-shuffle): grad_weight = u^T gz per group, grad_u = gz W^T per group.
+void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
+                         const at::Tensor& gz, at::Tensor& grad_weight, at::Tensor* grad_u);
+
+}  // namespace define_kernels::cpu
