@@ -13,13 +13,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, so nothing below resolves to a multi-GB CUDA build on a CPU machine
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -e ".[test,bench,hf]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# The suite, then its skips checked against .ci/expected_skips.txt (an unexpected skip fails).
+# CI sets DEFINE_KERNELS_EXPECT=cpu_cpp,triton so that those backends cannot silently skip.
 test: $(STAMP)
-	$(PY) -m pytest python_tests -q -rs -p no:cacheprovider
+	$(PY) -m pytest python_tests -q -rs -p no:cacheprovider --junitxml=$(VENV)/test-report.xml
+	$(PY) .ci/check_skips.py $(VENV)/test-report.xml
 
 # nightly-style fuzz: the hypothesis "long" profile (20x the CI examples, random seeds)
 fuzz: $(STAMP)

@@ -68,7 +68,8 @@ setup(
     # finds it after a non-editable install too.
     packages=find_packages(include=["define_kernels", "define_kernels.*"]) + ["define_kernels.csrc"],
     package_dir={"define_kernels.csrc": "csrc"},
-    package_data={"define_kernels.csrc": CSRC_PATTERNS},
+    package_data={"define_kernels.csrc": CSRC_PATTERNS,
+                  "define_kernels.backends": ["measured_ranking.json"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.6",

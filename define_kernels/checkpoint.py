@@ -18,7 +18,7 @@ FORMAT = 1
 # from the module options below).
 _RUNTIME_CONFIG_FIELDS = frozenset({"dropout", "in_dim", "out_dim"})
 _MODULE_OPTIONS = ("num_embeddings", "embedding_dim", "map_dim", "padding_idx", "in_proj_dim",
-                   "scale_map")
+                   "scale_map", "zero_padding_output")
 
 
 def describe(module) -> dict:

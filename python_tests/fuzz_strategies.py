@@ -43,6 +43,8 @@ CONFIG_OPTIONS = {
     "align": st.sampled_from([1, 2, 3, 8]),
     "reduce_norm": st.booleans(),
     "reduce_act": st.booleans(),
+    "output_layer": st.booleans(),
+    "width_rounding": st.sampled_from(["exact", "truncate"]),
 }
 
 # DeFINE options beyond the HGTConfig ones (one line per option; padding_idx is drawn per V).
@@ -52,6 +54,10 @@ MODULE_OPTIONS = {
     "map_dropout": st.sampled_from([0.0, 0.0, 0.3]),
     "sparse": st.booleans(),
     "cache_chunk_size": st.sampled_from([1, 3, 7, 4096]),
+    "in_proj_dropout": st.sampled_from([0.0, 0.0, 0.3]),
+    "zero_padding_output": st.booleans(),
+    "init": st.sampled_from(["spec", "xavier_3d"]),
+    "activations": st.sampled_from(["recompute", "save", "auto"]),
 }
 
 # Dtypes drawn for inputs; each backend runs the ones it declares (bf16 on cpu_cpp, once it

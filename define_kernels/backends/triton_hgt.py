@@ -116,7 +116,7 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 def forward_configs():
     """Autotune candidates for the fused forward on a GPU (tiles >= 16 for tl.dot).
 
-    Offline sm_90a compiles (bf16, SPEC §6 stacks): these use <= 255 registers without spilling
+    Offline sm_90a compiles (bf16, docs/math.md §5 workloads): these use <= 255 registers without spilling
     and their dots lower to wgmma (BLOCK_T >= 64 and num_warps a multiple of 4, one warpgroup
     per 64 rows); the former BLOCK_T=32 candidates fell back to mma.sync, and 128-row tiles or
     64 x 128 output tiles spilled (1-1.4 KB of stack), so they are left out. Few candidates on
