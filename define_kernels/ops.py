@@ -64,13 +64,23 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend)
     grad_rows, grad_params = chosen.backward(grad_y.contiguous(), *inputs)
     # Autograd can hand back grad_y itself (a one-row bias gradient); a custom op must not alias.
-    taken = [grad_y, x, *params]
-    return _unaliased(grad_rows, taken), [_unaliased(g, taken) for g in grad_params]
+    grad_rows, *grad_params = _unaliased([grad_rows, *grad_params], [grad_y, x, *params])
+    return grad_rows, grad_params
 
 
-def _unaliased(tensor: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
-    storage = tensor.untyped_storage().data_ptr()
-    return tensor.clone() if any(t.untyped_storage().data_ptr() == storage for t in inputs) else tensor
+def _unaliased(outputs: List[torch.Tensor], inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """`outputs`, each cloned where it shares storage with an input or an earlier output (custom
+    ops may not return aliases). Empty tensors are always cloned: their storages all have data
+    pointer 0, so the pointer cannot tell whether they alias."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    fresh = []
+    for t in outputs:
+        if t.numel() == 0 or t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        if t.numel():
+            taken.add(t.untyped_storage().data_ptr())
+        fresh.append(t)
+    return fresh
 
 
 def _rows(x, ids):
@@ -121,15 +131,8 @@ def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Lis
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
     y, saved = chosen.forward_saving(*inputs)
     # Outputs may alias neither inputs nor each other (a layer without norm/act saves its output).
-    taken = {t.untyped_storage().data_ptr() for t in [x, y, *params] if t.numel()}
-    outputs = []
-    for t in saved:
-        t = t.contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in taken:
-            t = t.clone()
-        taken.add(t.untyped_storage().data_ptr())
-        outputs.append(t)
-    return y, outputs
+    y, *saved = _unaliased([y, *(t.contiguous() for t in saved)], [x, *params])
+    return y, saved
 
 
 @torch.library.custom_op("define_kernels::hgt_backward_saved", mutates_args=())

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds bench/
 
 from bench.lm import data, report, train  # noqa: E402
+from tolerances import assert_close  # noqa: E402
 from bench.lm.model import LanguageModel, LSTMContext, TransformerContext  # noqa: E402
 from bench.lm.variants import VARIANTS, LayerSizes, build_layers, parameter_split  # noqa: E402
 
@@ -100,7 +101,8 @@ def test_transformer_context_is_causal():
     x2 = x.clone()
     x2[4:] += torch.randn(2, 2, 16)
     y2, _ = context(x2, None)
-    assert torch.allclose(y[:4], y2[:4], atol=1e-6) and not torch.allclose(y[4:], y2[4:])
+    assert_close(y[:4], y2[:4], name="outputs before the change")
+    assert not torch.allclose(y[4:], y2[4:]), "later positions must see the change"
 
 
 def tiny_args(tmp_path, *extra):

@@ -52,9 +52,9 @@ def test_backward_op_matches_autograd_of_the_forward_op(op_backend):
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x] + params, grad_y)
     grad_rows, grad_params = ops.hgt_backward(grad_y, x, ids, params, key, scale, seed, backend)
-    assert torch.allclose(grads[0], torch.zeros_like(x).index_add_(0, ids, grad_rows))
-    for got, expected in zip(grad_params, grads[1:]):
-        assert torch.allclose(got, expected)
+    assert_close(grads[0], torch.zeros_like(x).index_add_(0, ids, grad_rows), name="table gradient")
+    for index, (got, expected) in enumerate(zip(grad_params, grads[1:])):
+        assert_close(got, expected, name=f"backward op vs autograd: params[{index}]")
     grads_ref = torch.autograd.grad(y_ref, [x] + params, grad_y)
     for index, (got, expected) in enumerate(zip(grads, grads_ref)):
         assert_close(got, expected, name=f"{op_backend} gradient {index} vs the reference")

@@ -71,7 +71,8 @@ def soak():
             model.load_state_dict(torch.load(buffer))
             saves += 1
         model.eval()
-        y_eval = model(ids)
+        with torch.no_grad():  # where the cache serves (no gradient can be needed)
+            y_eval = model(ids)
         builds_expected += 1  # parameters changed since the last eval: exactly one rebuild
         assert model.cache.builds == builds_expected, "cache not rebuilt (or rebuilt twice) after a step"
         tables.append(weakref.ref(model.cache.table))
