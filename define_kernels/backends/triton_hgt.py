@@ -15,7 +15,7 @@ offset is a constexpr, so one kernel is compiled per HGTConfig (and dtype).
 Intermediates live in a per-tile global scratch, not in registers: z (fp32, pre-norm) and
 h (parameter dtype), rows indexed by token, each program reading back only the rows it just
 wrote (a CTA barrier orders the stages). They are not guaranteed to stay in L2: with one
-program per SM in flight (the autotuned configs use 214-254 registers x 256 threads), wt103-base
+program per SM in flight (the bf16 autotune configs use 206-250 registers x 256 threads), wt103-base
 in bf16 keeps 132 x 64 x 1024 x (4 + 2 x 2) bytes = 66 MB of scratch in flight, more than a
 50 MB L2; bench/gpu_cuda_notes.md weighs the split design that avoids it. Forward-only scratch: T x max_w fp32 for z plus
 T x 2 max_w (ping-pong) for h. Parameters are packed into one flat buffer, re-packed only when
