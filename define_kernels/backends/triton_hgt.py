@@ -15,7 +15,7 @@ offset is a constexpr, so one kernel is compiled per HGTConfig (and dtype).
 Intermediates live in a per-tile global scratch, not in registers: z (fp32, pre-norm) and
 h (parameter dtype), rows indexed by token, each program reading back only the rows it just
 wrote (a CTA barrier orders the stages). They are not guaranteed to stay in L2: with one
-program per SM in flight (the autotuned configs use 214-254 registers x 256 threads), wt103-base
+program per SM in flight (the bf16 autotune configs use 206-250 registers x 256 threads), wt103-base
 in bf16 keeps 132 x 64 x 1024 x (4 + 2 x 2) bytes = 66 MB of scratch in flight, more than a
 50 MB L2; bench/gpu_cuda_notes.md weighs the split design that avoids it. Forward-only scratch: T x max_w fp32 for z plus
 T x 2 max_w (ping-pong) for h. Parameters are packed into one flat buffer, re-packed only when
@@ -41,7 +41,7 @@ T x max_w (dz, dh ping-pong) and one of T x p (e.g. wt103-base, T = 16384: about
 No atomics and fixed reduction orders anywhere (token splits depend only on the shapes and the
 device's SM count): results are deterministic, so the backend never refuses under
 torch.use_deterministic_algorithms; there the forward also skips autotuning (a timing-driven
-tile choice could change the K order of the dots between processes) and uses DETERMINISTIC_TILES. grad_rows is per gathered row (op contract);
+tile choice could change the K order of the dots between processes) and uses deterministic_tiles(dtype). grad_rows is per gathered row (op contract);
 the op's autograd rule scatters it into the table.
 
 Every launch goes through a `wrap` hook (identity here): triton_library.py passes
@@ -113,23 +113,37 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 
 
 # ------------------------------------------------------------------------------- tile configs
-def forward_configs():
-    """Autotune candidates for the fused forward on a GPU (tiles >= 16 for tl.dot).
+# (BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages) per dtype. Offline sm_90a compiles of every
+# docs/math.md §5 workload (bench.resource_report, bench/results/resource_*): each candidate uses <= 255
+# registers without spilling, and the 16-bit dots lower to wgmma (BLOCK_T >= 64 and num_warps a
+# multiple of 4, one warpgroup per 64 rows; BLOCK_T=32 fell back to mma.sync). Left out because
+# they spilled: 64 x 64 x 64 (bf16 ptb-lstm 16 B, wt103-wide 24 B; fp16 wt103-wide 8 B), every
+# other fp16 tile but 64 x 32 x 32 (24-368 B), 128-row tiles and 64 x 128 output tiles
+# (1-1.4 KB). fp32 (FMA, no wgmma to keep) spills in every tile tried, 64-row ones 8-664 B;
+# 32 x 32 x 32 at 8 warps spills least (0-8 B) and is used until the fp32 forward's register
+# pressure is cut (a known gate failure of the full report). Few candidates on purpose: every one
+# compiles the whole unrolled stack.
+FORWARD_TILES = {
+    torch.bfloat16: [(64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)],
+    torch.float16: [(64, 32, 32, 8, 3)],
+    torch.float32: [(32, 32, 32, 8, 3)],
+}
 
-    Offline sm_90a compiles (bf16, docs/math.md §5 workloads): these use <= 255 registers without spilling
-    and their dots lower to wgmma (BLOCK_T >= 64 and num_warps a multiple of 4, one warpgroup
-    per 64 rows); the former BLOCK_T=32 candidates fell back to mma.sync, and 128-row tiles or
-    64 x 128 output tiles spilled (1-1.4 KB of stack), so they are left out. Few candidates on
-    purpose: every one compiles the whole unrolled stack.
-    """
+
+def forward_configs(dtype: torch.dtype = torch.bfloat16):
+    """Autotune candidates of the fused forward on a GPU for `dtype` (tiles >= 16 for tl.dot)."""
     import triton
-    shapes = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)]
     return [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for t, n, k, w, s in shapes]
+            for t, n, k, w, s in FORWARD_TILES[dtype]]
+
+
+def deterministic_tiles(dtype: torch.dtype) -> dict:
+    """The pinned forward tile (deterministic mode): the dtype's last, smallest candidate."""
+    t, n, k, w, s = FORWARD_TILES[dtype][-1]
+    return {"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
 
 
 INTERPRETER_TILES = {"BLOCK_T": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-DETERMINISTIC_TILES = {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def backward_tiles(dtype: torch.dtype) -> dict:
@@ -137,12 +151,15 @@ def backward_tiles(dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16,
                     input_grad_warps=4)
-    size = 32 if dtype == torch.float32 else 64
-    # sm_90a compiles (bf16, wt103 stacks): the elementwise LN/act/dropout backward keeps ~6
+    # sm_90a compiles (every SPEC §6 stack): the elementwise LN/act/dropout backward keeps ~6
     # [BLOCK_T, BLOCK_N] fp32 values live and spilled at 4 warps x 64 columns (255 registers):
-    # 8 warps x 32 columns give 166. The input-gradient GEMM of the 1024-wide layers spilled 48 B
-    # at 4 warps: 8 warps give 180 registers, no spill.
-    return {"BLOCK_T": 64, "BLOCK_N": size, "BLOCK_K": size, "num_warps": 4, "epilogue_warps": 8,
+    # 8 warps x 32 columns give 166. The 16-bit input-gradient GEMM of the 1024-wide layers spilled
+    # 48 B at 4 warps: 8 warps give 180 registers. fp32 (32-wide tiles, FMA): the weight gradient
+    # spilled 8 B at 4 warps and the input gradient 8 B at 8; 8 and 4 warps give <= 166, no spill.
+    if dtype == torch.float32:
+        return {"BLOCK_T": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "epilogue_warps": 8,
+                "epilogue_block_n": 32, "input_grad_warps": 4}
+    return {"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "epilogue_warps": 8,
             "epilogue_block_n": 32, "input_grad_warps": 8}
 
 
@@ -161,24 +178,25 @@ _FORWARD_KEYS = ["IN", "OUT", "GROUPS", "KINDS", "NORMS", "ACTS", "Z_OFF", "SHUF
                  "HAS_IDS", "DOT_PRECISION"]
 
 
-@functools.lru_cache(maxsize=1)
-def _forward_kernel():
-    """The fused forward: autotuned on a GPU, the plain kernel (pinned tiles) when interpreting."""
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(dtype: torch.dtype = torch.bfloat16):
+    """The fused forward: autotuned on a GPU over the dtype's candidates (one autotuner per
+    dtype), the plain kernel (pinned tiles) when interpreting."""
     import triton
     from .triton_kernels.forward import hgt_forward_kernel
     if _interpreting():
         return hgt_forward_kernel
-    return triton.autotune(configs=forward_configs(), key=_FORWARD_KEYS)(hgt_forward_kernel)
+    return triton.autotune(configs=forward_configs(dtype), key=_FORWARD_KEYS)(hgt_forward_kernel)
 
 
-def _forward_launch():
+def _forward_launch(dtype: torch.dtype):
     """(kernel, pinned tile kwargs): pinned under the interpreter and in deterministic mode."""
     if _interpreting():
-        return _forward_kernel(), INTERPRETER_TILES
+        return _forward_kernel(dtype), INTERPRETER_TILES
     if torch.are_deterministic_algorithms_enabled():
         from .triton_kernels.forward import hgt_forward_kernel
-        return hgt_forward_kernel, DETERMINISTIC_TILES
-    return _forward_kernel(), {}
+        return hgt_forward_kernel, deterministic_tiles(dtype)
+    return _forward_kernel(dtype), {}
 
 
 # ------------------------------------------------------------------------------- launches
@@ -217,7 +235,7 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: boo
     flat = _pack(params, wrap)
     ids_arg = ids.contiguous() if ids is not None else x  # unused when HAS_IDS is False
     tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
-    kernel, tiles = _forward_launch()
+    kernel, tiles = _forward_launch(dtype)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_T"]),)  # noqa: E731
     with _on_device(device):
         wrap(kernel)[grid](
