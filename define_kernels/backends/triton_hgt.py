@@ -151,7 +151,7 @@ def backward_tiles(dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(INTERPRETER_TILES, num_warps=4, epilogue_warps=4, epilogue_block_n=16,
                     input_grad_warps=4)
-    # sm_90a compiles (every SPEC §6 stack): the elementwise LN/act/dropout backward keeps ~6
+    # sm_90a compiles (every docs/math.md §5 workload): the elementwise LN/act/dropout backward keeps ~6
     # [BLOCK_T, BLOCK_N] fp32 values live and spilled at 4 warps x 64 columns (255 registers):
     # 8 warps x 32 columns give 166. The 16-bit input-gradient GEMM of the 1024-wide layers spilled
     # 48 B at 4 warps: 8 warps give 180 registers. fp32 (32-wide tiles, FMA): the weight gradient
