@@ -121,11 +121,12 @@ def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Lis
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
     y, saved = chosen.forward_saving(*inputs)
     # Outputs may alias neither inputs nor each other (a layer without norm/act saves its output).
+    # Empty tensors all have data_ptr 0, so they are always cloned (free) instead of compared.
     taken = {t.untyped_storage().data_ptr() for t in [x, y, *params] if t.numel()}
     outputs = []
     for t in saved:
         t = t.contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in taken:
+        if not t.numel() or t.untyped_storage().data_ptr() in taken:
             t = t.clone()
         taken.add(t.untyped_storage().data_ptr())
         outputs.append(t)

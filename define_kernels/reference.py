@@ -202,12 +202,11 @@ def _unshuffle(pre: torch.Tensor, groups: int) -> torch.Tensor:
 def _epilogue(z: torch.Tensor, index: int, norm_weight, norm_bias, config: HGTConfig,
               row_keys: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
     """From the grouped-linear output z [T, g, c] (pre-shuffle) to the layer output [T, w]."""
-    rows = z.shape[0]
     if config.shuffle:
         z = feature_shuffle(z)
     if norm_weight is not None:
         z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
-    z = activation(z, config.layer_act(index)).reshape(rows, -1)
+    z = activation(z, config.layer_act(index)).flatten(1)  # [T, w]; also for T = 0
     if seed is not None and config.dropout > 0:
         keep = dropout_keep_mask(seed, index, row_keys, z.shape[1], config.dropout)
         z = z * keep.to(z.dtype) / (1.0 - config.dropout)
@@ -241,9 +240,9 @@ def _split_input_grad(kind: str, grad_u: torch.Tensor, p: int, groups: int):
     if kind == INPUT_CONCAT:
         return grad_u[:, :p], grad_u[:, p:]
     rows = grad_u.shape[0]
-    grouped = grad_u.reshape(rows, groups, -1)
+    grouped = grad_u.reshape(rows, groups, grad_u.shape[1] // groups)  # explicit widths: T may be 0
     xg = p // groups
-    return grouped[:, :, :xg].reshape(rows, p), grouped[:, :, xg:].reshape(rows, -1)
+    return grouped[:, :, :xg].reshape(rows, p), grouped[:, :, xg:].reshape(rows, grad_u.shape[1] - p)
 
 
 def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tensor],
@@ -267,20 +266,20 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
         u = saved[2 * index - 1] if index else stack_in
         pre = saved[2 * index]
         with _autograd_inside_custom_op():
-            z = _unshuffle(pre, g) if config.shuffle else pre.reshape(rows, g, -1)
+            z = _unshuffle(pre, g) if config.shuffle else pre.reshape(rows, g, pre.shape[1] // g)
             z = z.detach().requires_grad_(True)
             affine = [t.detach().requires_grad_(True) for t in (norm_weight, norm_bias) if t is not None]
             out = _epilogue(z, index, *(affine or [None, None]), config, keys, seed)
             grads = torch.autograd.grad(out, [z] + affine, gh.to(out.dtype))
         gz = grads[0]                                                     # [T, g, c]
         gz_grouped = gz.transpose(0, 1)                                   # [g, T, c]
-        u_grouped = u.reshape(rows, g, -1).transpose(0, 1)                # [g, T, a/g]
+        u_grouped = u.reshape(rows, g, u.shape[1] // g).transpose(0, 1)                # [g, T, a/g]
         offset = offsets[index]
         grad_params[offset] = torch.bmm(u_grouped.transpose(1, 2), gz_grouped)
         grad_params[offset + 1] = gz.sum(0)
         for k, grad in enumerate(grads[1:]):
             grad_params[offset + 2 + k] = grad
-        grad_u = torch.bmm(gz_grouped, weight.transpose(1, 2)).transpose(0, 1).reshape(rows, -1)
+        grad_u = torch.bmm(gz_grouped, weight.transpose(1, 2)).transpose(0, 1).reshape(rows, u.shape[1])
         grad_in, gh = _split_input_grad(layer.input_kind, grad_u, p, g)
         if grad_in is not None:
             grad_x += grad_in

@@ -61,7 +61,8 @@ def check_dropout_keyed(case, y):
     if case["seed"] is None or y.numel() == 0:
         return
     keys = reference.row_keys_for(case["x"], case["ids"])
-    keep = reference.dropout_keep_mask(case["seed"], config.depth, keys, config.out_dim, config.dropout)
+    last = len(config.layers) - 1  # the reduce layer, or the output layer after it
+    keep = reference.dropout_keep_mask(case["seed"], last, keys, config.out_dim, config.dropout)
     assert torch.all(y[~keep] == 0), "an output dropped by the shared mask is not exactly zero"
 
 
