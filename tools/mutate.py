@@ -71,6 +71,8 @@ def main() -> int:
     print(f"baseline ({len(all_tests)} files): exit {code}, {tail} [{seconds:.0f} s]", flush=True)
     if code != 0:
         print("baseline fails: fix the tests before mutating", file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
         return 2
     prebuilt = next(base_ext.rglob("define_kernels_C*.so"))
 
