@@ -143,12 +143,13 @@ def test_sparse_path_matches_dense_values_and_gradient(module_backend):
         assert_close_scaled(b.grad.to_dense(), a.grad, torch.float32, name=f"grad {name}")
 
 
-# ------------------------------------------------------------------------------ C++ chunks
+# ------------------------------------------------------------------------------ C++ row blocks
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 129, 300, 1100], ids=lambda r: f"rows{r}")
 def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
-    """Tiles are 128+ rows, one chunk of tiles per thread: 300 rows = 3 tiles over 2 threads
-    (an odd split), 1100 = 9 tiles over 2 or 3; one thread = one chunk."""
+    """The CPU epilogue works on blocks of 32 rows (csrc/cpu/hgt_epilogue.h) and adds the
+    per-block bias/norm partials in block order: 1 row = one partial block, 129 = 4 full blocks
+    and one row, 300 and 1100 = partial last blocks split unevenly over 2 or 3 threads."""
     config = HGTConfig(16, 40, 12, 3, 4, align=4)
     inputs = backends.OpInputs(torch.zeros(1, 16), None, [], config, 1.0, None)
     usable_backend("cpu_cpp", inputs)

@@ -40,7 +40,12 @@ def run_tests(copy: Path, tests, ext_dir: Path, extra_env=(), stop_first=True) -
                *tests]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
-    tail = [line for line in result.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    tail = lines[-1:] or ["(no output)"]
+    if not stop_first:  # the baseline: name what failed (pytest's short summary)
+        for line in lines:
+            if line.startswith(("FAILED", "ERROR")):
+                print("   ", line[:300], flush=True)
     return result.returncode, tail[0], time.perf_counter() - started
 
 
@@ -66,6 +71,8 @@ def main() -> int:
     print(f"baseline ({len(all_tests)} files): exit {code}, {tail} [{seconds:.0f} s]", flush=True)
     if code != 0:
         print("baseline fails: fix the tests before mutating", file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
         return 2
     prebuilt = next(base_ext.rglob("define_kernels_C*.so"))
 
