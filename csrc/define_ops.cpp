@@ -1,7 +1,10 @@
 // Schemas of the define_kernels_C ops; implementations live per device (cpu/, cuda/).
 //
-// layers: 6 ints per layer (in_features, out_features, groups, input_kind 0 x | 1 mix | 2 concat |
-// 3 prev, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu); seed -1 means no dropout.
+// layers: 7 ints per layer (in_features, out_features, groups, input_kind 0 x | 1 mix | 2 concat |
+// 3 prev | 4 proj, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu, dropout probability as the
+// bits of a float64); seed -1 means no dropout. `dropout` is the expand/reduce/output layers' p
+// (the CUDA kernels read it; the CPU ones read each layer's). input_kind 4 (layer 0 only, CPU only):
+// the in-proj, whose output replaces x for every later layer (docs/math.md §1).
 // Semantics are those of define_kernels/reference.py (hgt_forward, hgt_backward).
 // The *_saving / *_saved pair is the "save" activation policy (CPU only): the forward also
 // returns `saved` = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]: per layer l the pre-norm rows

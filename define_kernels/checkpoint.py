@@ -16,7 +16,7 @@ import torch
 FORMAT = 1
 # HGTConfig fields that do not change the function computed in eval (training-only or derived
 # from the module options below).
-_RUNTIME_CONFIG_FIELDS = frozenset({"dropout", "in_dim", "out_dim"})
+_RUNTIME_CONFIG_FIELDS = frozenset({"dropout", "in_dim", "out_dim", "in_proj_dropout", "in_proj_from"})
 _MODULE_OPTIONS = ("num_embeddings", "embedding_dim", "map_dim", "padding_idx", "in_proj_dim",
                    "scale_map", "zero_padding_output")
 

@@ -67,8 +67,9 @@ def check_op_inputs(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequen
         raise ValueError(f"x must be a floating tensor ({FLOAT_DTYPES}), got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [rows, in_dim], got shape {tuple(x.shape)}")
-    if x.shape[1] != config.in_dim:
-        raise ValueError(f"x has last dim {x.shape[1]} but the config's in_dim is {config.in_dim}")
+    if x.shape[1] != config.input_width:
+        width = "in_proj_from" if config.has_in_proj else "in_dim"
+        raise ValueError(f"x has last dim {x.shape[1]} but the config's {width} is {config.input_width}")
     if ids is not None:
         check_ids_dtype(ids)
         if ids.dim() != 1:

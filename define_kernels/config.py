@@ -25,6 +25,8 @@ INPUT_X = "x"            # first layer: u = x
 INPUT_MIX = "mix"        # split-and-mix: chunk j of x, then chunk j of h, per group j
 INPUT_CONCAT = "concat"  # plain concatenation [x, h] (define_nomix)
 INPUT_PREV = "prev"      # no skip: u = h
+INPUT_PROJ = "proj"      # the in-proj (layer 0 only): reads the op's input e [*, n]; its output
+                         # replaces x for every later layer (docs/math.md §1)
 
 LN_EPS = 1e-5
 
@@ -64,6 +66,11 @@ class HGTConfig:
         act: "gelu" (erf form), "relu", "silu" or None.
         dropout: probability, applied after the activation of every layer in training.
         reduce_norm / reduce_act: whether the reduce layer also gets the norm / activation.
+        in_proj_from: n, width of the op's input, when the stack starts with the in-proj
+            x = dropout(act(LN(Linear_{n->in_dim}(e)))) (layer 0 of `layers`, one group, with
+            the norm and activation of the expand layers); its output is the x every later
+            layer reads. None (default): no in-proj, the op's input is x itself.
+        in_proj_dropout: dropout probability of the in-proj layer (needs in_proj_from).
     """
 
     in_dim: int
@@ -82,6 +89,8 @@ class HGTConfig:
     reduce_act: bool = True
     width_rounding: str = "exact"
     output_layer: bool = False
+    in_proj_from: Optional[int] = None
+    in_proj_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups", "align"):
@@ -102,9 +111,15 @@ class HGTConfig:
         for name in ("shuffle", "reduce_norm", "reduce_act", "output_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "in_proj_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+        if self.in_proj_from is not None:
+            check_positive_int("in_proj_from", self.in_proj_from)
+        elif self.in_proj_dropout:
+            raise ValueError(f"in_proj_dropout ({self.in_proj_dropout!r}) needs an in-proj "
+                             f"(in_proj_from=n)")
         widest_group = max(self.expand_groups)
         if self.in_dim % widest_group:
             raise ValueError(
@@ -144,6 +159,8 @@ class HGTConfig:
         groups = self.expand_groups + (1,)
         kind = self._input_kind()
         layers, prev_width = [], None
+        if self.in_proj_from is not None:
+            layers.append(LayerSpec(self.in_proj_from, p, 1, INPUT_PROJ))
         for index in range(n):
             multiple = math.lcm(groups[index], groups[index + 1], self.align)
             width = -(-self._target_width(index + 1) // multiple) * multiple
@@ -170,25 +187,53 @@ class HGTConfig:
 
     @property
     def layers(self) -> tuple:
-        """Every layer's (in_features, out_features, groups, input_kind): the N expand layers,
-        the reduce layer (index `reduce_index`), then the output layer when output_layer is on."""
+        """Every layer's (in_features, out_features, groups, input_kind): the in-proj when
+        in_proj_from is set (index 0), the N expand layers, the reduce layer (index
+        `reduce_index`), then the output layer when output_layer is on."""
         return self._layers
+
+    @property
+    def has_in_proj(self) -> bool:
+        return self.in_proj_from is not None
+
+    @property
+    def first_stack_layer(self) -> int:
+        """Index in `layers` of the first expand layer: 1 after an in-proj, else 0. The HGT
+        module's `layers[i]` holds the parameters of `config.layers[i + first_stack_layer]`."""
+        return 1 if self.has_in_proj else 0
+
+    @property
+    def input_width(self) -> int:
+        """Width of the op's input rows: n with an in-proj, else in_dim (= p)."""
+        return self.in_proj_from if self.has_in_proj else self.in_dim
 
     @property
     def reduce_index(self) -> int:
         """Index of the reduce layer in `layers` (the output layer, if any, follows it)."""
-        return self.depth
+        return self.depth + self.first_stack_layer
 
     def layer_name(self, index: int) -> str:
+        index -= self.first_stack_layer
+        if index < 0:
+            return "in_proj"
         if index < self.depth:
             return f"expand{index + 1}"
         return "reduce" if index == self.depth else "output"
 
     def layer_has_norm(self, index: int) -> bool:
-        return self.norm is not None and (index != self.depth or self.reduce_norm)
+        return self.norm is not None and (index != self.reduce_index or self.reduce_norm)
 
     def layer_act(self, index: int) -> Optional[str]:
-        return self.act if index != self.depth or self.reduce_act else None
+        return self.act if index != self.reduce_index or self.reduce_act else None
+
+    def layer_dropout(self, index: int) -> float:
+        """Dropout probability after layer `index`'s activation (training only)."""
+        return self.in_proj_dropout if index < self.first_stack_layer else self.dropout
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether any layer drops out in training."""
+        return self.dropout > 0 or self.in_proj_dropout > 0
 
     def param_shapes(self) -> tuple:
         """Shapes of the flat parameter list every op takes, in order.

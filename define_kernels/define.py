@@ -15,11 +15,12 @@ from .checks import (check_ids_dtype, check_ids_in_range, check_known_options, c
 from .config import LN_EPS, HGTConfig
 from .hgt import HGT
 from .inference_cache import InferenceCache
-from .reference import activation
 
 # HGTConfig options DeFINE passes through **hgt_options (the rest it sets itself).
 _HGT_OPTIONS = tuple(f.name for f in dataclasses.fields(HGTConfig)
-                     if f.name not in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups"))
+                     if f.name not in ("in_dim", "expand_dim", "out_dim", "depth", "max_groups",
+                                       "in_proj_from", "in_proj_dropout"))
+MAP_DROPOUT_MODES = ("token", "sequence")
 
 
 def _is_compiling() -> bool:
@@ -30,8 +31,9 @@ class DeFINE(nn.Module):
     """Deep Factorized Input token Embedding: ids [*] (int32/int64) -> [*, embedding_dim].
 
     Map: a [num_embeddings, map_dim] table (init N(0, map_dim^-1/2), output times sqrt(map_dim)
-    with scale_map), then, with in_proj_dim=p, x = act(LN(Linear(e))), then the HGT stack of
-    `HGTConfig(p, expand_dim, embedding_dim, depth, max_groups, **hgt_options)`.
+    with scale_map), then, with in_proj_dim=p, x = dropout(act(LN(Linear(e)))), then the HGT
+    stack of `HGTConfig(p, expand_dim, embedding_dim, depth, max_groups, **hgt_options)`. The
+    in-proj is layer 0 of that config (`in_proj_from=map_dim`) and runs inside the fused op.
 
     Parameters (names and shapes are stable: checkpoints are ported by them):
         map_weight               [num_embeddings, map_dim]
@@ -40,7 +42,8 @@ class DeFINE(nn.Module):
         hgt.layers.{l}.weight    [g, a/g, w/g]
         hgt.layers.{l}.bias      [g, w/g]
         hgt.layers.{l}.norm_weight / norm_bias  [w/g]        (with norm)
-    where (a, w, g) = self.config.layers[l]; the last layer is the reduce layer (g = 1, w = m).
+    where (a, w, g) = self.config.layers[l + self.config.first_stack_layer] (the in-proj, when
+    there is one, is config layer 0 and keeps its in_proj.* names).
 
     Behaviour:
         padding_idx: its map row is zero and gets no gradient, and its output is zero (as with
@@ -60,7 +63,13 @@ class DeFINE(nn.Module):
             nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
             then runs outside the fused op.
         backend: 'auto' (process default, see set_backend) or a registry name.
-        in_proj_dropout: dropout after the in-proj's activation (training only).
+        in_proj_dropout: dropout after the in-proj's activation (training only), hashed like
+            the stack's (seed, layer 0, token id, feature).
+        map_dropout_mode: "token" (default): map_dropout drops each position's features
+            independently; "sequence" (the authors' RecurrentDropout): ids [..., T] get one mask
+            over the map features per sequence (the last axis; 1-D ids are one sequence),
+            shared by its positions. Masks then depend on the sequence, not the id alone, so
+            dedup is skipped in training while it is on (exact, not faster).
         init: "spec" or "xavier_3d" (the authors' init: Xavier over each whole 3-D GLT weight,
             Xavier weight and zero bias for the in-proj); see hgt.INITS.
         zero_padding_output: False keeps the stack's output at padding_idx (the authors' code).
@@ -76,7 +85,8 @@ class DeFINE(nn.Module):
                  sparse: bool = False,
                  backend: str = "auto", cache: bool = True, cache_chunk_size: int = 4096,
                  in_proj_dropout: float = 0.0, init: str = "spec", zero_padding_output: bool = True,
-                 activations: str = "auto", device=None, dtype=None, **hgt_options):
+                 activations: str = "auto", map_dropout_mode: str = "token", device=None, dtype=None,
+                 **hgt_options):
         super().__init__()
         check_known_options("DeFINE", hgt_options, _HGT_OPTIONS)
         factory = {"device": device, "dtype": dtype}
@@ -92,6 +102,14 @@ class DeFINE(nn.Module):
             raise ValueError(f"map_dropout must be in [0, 1), got {map_dropout!r}")
         if not 0.0 <= in_proj_dropout < 1.0:
             raise ValueError(f"in_proj_dropout must be in [0, 1), got {in_proj_dropout!r}")
+        if in_proj_dropout and in_proj_dim is None:
+            raise ValueError(f"in_proj_dropout ({in_proj_dropout!r}) needs an in-proj (in_proj_dim)")
+        if in_proj_dim is not None:
+            check_positive_int("in_proj_dim", in_proj_dim)
+        if map_dropout_mode not in MAP_DROPOUT_MODES:
+            raise ValueError(f"map_dropout_mode must be one of {MAP_DROPOUT_MODES}, "
+                             f"got {map_dropout_mode!r}")
+        self.map_dropout_mode = map_dropout_mode
         self.in_proj_dropout, self.init = in_proj_dropout, init
         self.zero_padding_output = bool(zero_padding_output)
         self.num_embeddings, self.embedding_dim, self.map_dim = num_embeddings, embedding_dim, map_dim
@@ -99,7 +117,8 @@ class DeFINE(nn.Module):
         self.sparse, self.in_proj_dim, self.scale_map = sparse, in_proj_dim, scale_map
         self.scale = math.sqrt(map_dim) if scale_map else 1.0
         self.config = HGTConfig(in_proj_dim or map_dim, expand_dim, embedding_dim, depth, max_groups,
-                                **hgt_options)
+                                in_proj_from=map_dim if in_proj_dim is not None else None,
+                                in_proj_dropout=in_proj_dropout, **hgt_options)
         self.map_weight = nn.Parameter(torch.empty(num_embeddings, map_dim, **factory))
         if in_proj_dim is not None:
             self.in_proj = nn.Linear(map_dim, in_proj_dim, **factory)
@@ -194,7 +213,9 @@ class DeFINE(nn.Module):
         check_ids_dtype(ids)
         check_same_device(ids, "ids", self.map_weight.device)
         flat = ids.reshape(-1)
-        if _is_compiling():
+        if self._sequence_map_dropout_on():
+            y = self._embed_sequence_dropout(ids)
+        elif _is_compiling():
             y = self._embed(flat)
         elif self._serves_from_cache(flat):
             y = self.cache.lookup(flat, self._parameter_list(), self.num_embeddings, self._embed)
@@ -205,12 +226,22 @@ class DeFINE(nn.Module):
             y = self._embed(flat)
         return y.reshape(*ids.shape, self.embedding_dim)
 
+    def op_params(self) -> list:
+        """The op's flat parameter list: the in-proj's (as views [1, n, p], [1, p], LN [p]) when
+        there is one, then the HGT stack's."""
+        if self.in_proj is None:
+            return self.hgt.op_params()
+        proj = [self.in_proj.weight.t().unsqueeze(0), self.in_proj.bias.unsqueeze(0)]
+        if self.in_proj_norm is not None:
+            proj += [self.in_proj_norm.weight, self.in_proj_norm.bias]
+        return proj + self.hgt.op_params()
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The live stack for 1-D ids -> [len(ids), m] (no dedup, no cache)."""
         seed = self.hgt.dropout_seed()
-        params = self.hgt.op_params()
-        if self.in_proj is None and not self.sparse and not (self.training and self.map_dropout > 0):
-            # Fused path: the op gathers and scales the map rows itself.
+        params = self.op_params()
+        if not self.sparse and not (self.training and self.map_dropout > 0):
+            # Fused path: the op gathers and scales the map rows itself (and runs the in-proj).
             y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
                         seed=seed, backend=self.backend, activations=self.hgt.activations)
         else:
@@ -218,17 +249,32 @@ class DeFINE(nn.Module):
                 check_ids_in_range(ids, self.num_embeddings)
             x = F.embedding(ids, self.map_weight, sparse=self.sparse) * self.scale
             x = F.dropout(x, self.map_dropout, self.training)
-            if self.in_proj is not None:
-                x = self.in_proj(x)
-                if self.in_proj_norm is not None:
-                    x = self.in_proj_norm(x)
-                x = activation(x, self.config.act)
-                x = F.dropout(x, self.in_proj_dropout, self.training)
             y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend,
                         activations=self.hgt.activations)
+        return self._zero_padding_output(ids, y)
+
+    def _zero_padding_output(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.padding_idx is not None and self.zero_padding_output:
             y = y * (ids != self.padding_idx).unsqueeze(1).to(y.dtype)
         return y
+
+    def _sequence_map_dropout_on(self) -> bool:
+        return self.map_dropout_mode == "sequence" and self.training and self.map_dropout > 0
+
+    def _embed_sequence_dropout(self, ids: torch.Tensor) -> torch.Tensor:
+        """Training with per-sequence map dropout: one mask [n] per sequence (ids' last axis),
+        drawn from torch's generator, on the gathered rows; then the op over those dense rows.
+        No dedup: a token's input depends on its sequence's mask."""
+        if not _is_compiling():
+            check_ids_in_range(ids, self.num_embeddings)
+        e = F.embedding(ids, self.map_weight, sparse=self.sparse) * self.scale   # [..., T, n]
+        keep = 1.0 - self.map_dropout
+        mask_shape = (*ids.shape[:-1], 1, self.map_dim) if ids.dim() else (self.map_dim,)
+        mask = torch.empty(mask_shape, device=e.device, dtype=e.dtype).bernoulli_(keep) / keep
+        rows = (e * mask).reshape(-1, self.map_dim)
+        y = ops.hgt(rows, self.op_params(), self.config, seed=self.hgt.dropout_seed(),
+                    backend=self.backend, activations=self.hgt.activations)
+        return self._zero_padding_output(ids.reshape(-1), y)
 
     # ------------------------------------------------------------------------------ authors' layout
     @classmethod
@@ -252,8 +298,7 @@ class DeFINE(nn.Module):
 
     @property
     def macs_per_token(self) -> int:
-        in_proj = self.in_proj.weight.numel() if self.in_proj is not None else 0
-        return in_proj + self.config.macs_per_token
+        return self.config.macs_per_token  # the in-proj is layer 0 of the config when on
 
     def extra_repr(self) -> str:
         options = [f"{self.num_embeddings}, {self.embedding_dim}", f"map_dim={self.map_dim}"]

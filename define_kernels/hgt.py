@@ -71,7 +71,10 @@ class HGT(nn.Module):
         layers.{l}.bias         [g, w/g]
         layers.{l}.norm_weight  [w/g]  (norm="layernorm" and, for reduce, reduce_norm)
         layers.{l}.norm_bias    [w/g]
-    with (a, w, g) = config.layers[l] (in_features, out_features, groups). `init` is "spec"
+    with (a, w, g) = config.layers[l + config.first_stack_layer] (in_features, out_features,
+    groups): a config with an in-proj (in_proj_from) holds its layer 0 too, but its parameters
+    belong to the owner (DeFINE's in_proj / in_proj_norm), which prepends them to `op_params()`;
+    forward() over such a config raises. `init` is "spec"
     or "xavier_3d" (the authors' init, see INITS); `activations` is "recompute", "save" or "auto"
     (per device, see ops.hgt); `device` / `dtype` are factory kwargs, as for nn.Linear.
     """
@@ -86,7 +89,7 @@ class HGT(nn.Module):
         self.activations = check_activation_policy(activations)
         self.layers = nn.ModuleList(
             HGTLayer(spec, config.layer_has_norm(index), init, device=device, dtype=dtype)
-            for index, spec in enumerate(config.layers))
+            for index, spec in enumerate(config.layers) if index >= config.first_stack_layer)
         self.register_load_state_dict_pre_hook(_check_cycle_layout)
 
     def reset_parameters(self) -> None:
@@ -98,9 +101,12 @@ class HGT(nn.Module):
         return [param for layer in self.layers for param in layer.op_params()]
 
     def dropout_seed(self) -> Optional[torch.Tensor]:
-        return draw_seed() if self.training and self.config.dropout > 0 else None
+        return draw_seed() if self.training and self.config.has_dropout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.has_in_proj:
+            raise ValueError("config has an in-proj (in_proj_from): its parameters live in the "
+                             "owner (DeFINE); call ops.hgt with them before op_params()")
         check_last_dim(x, self.config.in_dim, "x")
         rows = x.reshape(-1, self.config.in_dim)
         y = ops.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend,

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_X, LN_EPS, HGTConfig
+from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, LN_EPS, HGTConfig
 
 _MASK32 = 0xFFFFFFFF
 
@@ -60,7 +60,9 @@ def mix_input(x: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def layer_input(kind: str, x: torch.Tensor, h: Optional[torch.Tensor], groups: int) -> torch.Tensor:
-    if kind == INPUT_X:
+    """Layer input from the stack input x and the previous output h (the in-proj reads the op's
+    input, passed as x: it runs before any x' exists)."""
+    if kind in (INPUT_X, INPUT_PROJ):
         return x
     if kind == INPUT_MIX:
         return mix_input(x, h, groups)
@@ -119,11 +121,20 @@ def hgt_stack(x: torch.Tensor, row_keys: torch.Tensor, params: Sequence[torch.Te
         if norm_weight is not None:
             z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
         z = activation(z, config.layer_act(index)).reshape(rows, layer.out_features)
-        if seed is not None and config.dropout > 0:
-            keep = dropout_keep_mask(seed, index, row_keys, layer.out_features, config.dropout)
-            z = z * keep.to(z.dtype) / (1.0 - config.dropout)
-        h = z
+        h = apply_dropout(z, index, config, row_keys, seed)
+        if layer.input_kind == INPUT_PROJ:
+            x = h  # the in-proj's output is the x of every later layer
     return h
+
+
+def apply_dropout(z: torch.Tensor, index: int, config: HGTConfig, row_keys: torch.Tensor,
+                  seed: Optional[int]) -> torch.Tensor:
+    """Layer `index`'s hashed dropout (config.layer_dropout(index)); identity without a seed."""
+    p = config.layer_dropout(index)
+    if seed is None or p == 0:
+        return z
+    keep = dropout_keep_mask(seed, index, row_keys, z.shape[1], p)
+    return z * keep.to(z.dtype) / (1.0 - p)
 
 
 def row_keys_for(x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -209,10 +220,7 @@ def _epilogue(z: torch.Tensor, index: int, norm_weight, norm_bias, config: HGTCo
         z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
     width = config.layers[index].out_features  # not -1: an empty batch has no inferable width
     z = activation(z, config.layer_act(index)).reshape(rows, width)
-    if seed is not None and config.dropout > 0:
-        keep = dropout_keep_mask(seed, index, row_keys, width, config.dropout)
-        z = z * keep.to(z.dtype) / (1.0 - config.dropout)
-    return z
+    return apply_dropout(z, index, config, row_keys, seed)
 
 
 def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[torch.Tensor],
@@ -230,12 +238,14 @@ def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Seq
             saved.append(u)
         saved.append(pre)
         h = _epilogue(z, index, norm_weight, norm_bias, config, keys, seed)
+        if layer.input_kind == INPUT_PROJ:
+            stack_in = h
     return h, saved
 
 
 def _split_input_grad(kind: str, grad_u: torch.Tensor, p: int, groups: int):
     """Gradient of a layer input -> (stack-input part or None, previous-output part or None)."""
-    if kind == INPUT_X:
+    if kind in (INPUT_X, INPUT_PROJ):
         return grad_u, None
     if kind == INPUT_PREV:
         return None, grad_u
@@ -254,17 +264,21 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     layer, autograd through the elementwise epilogue only, then the GEMM gradients explicitly."""
     stack_in = input_rows(x.detach(), ids, scale)
     keys = row_keys_for(x, ids)
-    rows, p = stack_in.shape
+    rows, p = stack_in.shape[0], config.in_dim
     layer_params = split_params(params, config)
     grad_params = [None] * len(params)
     offsets = [sum(config.params_per_layer(i) for i in range(index)) for index in range(len(config.layers))]
-    grad_x = torch.zeros(rows, p, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                         device=x.device)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # grad_x: of the x the layers read (the in-proj's output when there is one), then of the op's input
+    grad_x = torch.zeros(rows, p, dtype=acc_dtype, device=x.device)
     gh = grad_y
     for index in reversed(range(len(config.layers))):
         layer = config.layers[index]
         weight, bias, norm_weight, norm_bias = layer_params[index]
         g = layer.groups
+        if layer.input_kind == INPUT_PROJ:  # its output is x': every skip read's gradient adds up here
+            gh = grad_x.to(grad_y.dtype) if gh is None else (grad_x + gh).to(grad_y.dtype)
+            grad_x = torch.zeros(rows, layer.in_features, dtype=acc_dtype, device=x.device)
         u = saved[2 * index - 1] if index else stack_in
         pre = saved[2 * index]
         with _autograd_inside_custom_op():

@@ -5,7 +5,9 @@
 //                                          backward needs (per layer its pre-norm rows and its
 //                                          input buffer, see run_forward).
 // Layer by layer over the whole batch: the grouped GEMMs of hgt_layers.h, then the fused
-// epilogue of hgt_epilogue.h. The layer loop is generic over the layer table.
+// epilogue of hgt_epilogue.h. The layer loop is generic over the layer table; with an in-proj
+// (layer 0) its output x' is the stack input every later skip reads, and x' gathers the
+// gradients of those reads before they go back through layer 0 to the map rows.
 #include "hgt_epilogue.h"
 #include "hgt_layers.h"
 
@@ -60,6 +62,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
   const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
   std::vector<at::Tensor> saved;
   at::Tensor u = xs;
+  at::Tensor xstack = xs;  // the x of the skip reads: x' once the in-proj has run
   for (int64_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
     at::Tensor z = at::empty({plan.rows, d.out_features}, xs.options());
@@ -73,13 +76,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
       const auto out = last ? columns<scalar_t>(next) : columns<scalar_t>(next, &plan.hcol[l + 1]);
       const auto x_out = copy_x ? columns<scalar_t>(next, &plan.xcol[l + 1]) : Columns<scalar_t>{};
       epilogue_forward<scalar_t>(plan, l, in.params, z, out, keep ? &pre : nullptr,
-                                 copy_x ? &xs : nullptr, x_out);
+                                 copy_x ? &xstack : nullptr, x_out);
     });
     if (keep) {
       if (l > 0) saved.push_back(u);
       saved.push_back(pre);
     }
     u = next;
+    if (l == 0 && plan.in_proj) xstack = next;  // u_1 = x' [rows, p] (identity layout)
   }
   return {u.to(in.io), saved};
 }
@@ -109,8 +113,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
   const auto acc_type = xs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
   at::Tensor gh = grad_y.to(in.compute).contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
+  at::Tensor grad_rows;
   for (int64_t l = L - 1; l >= 0; --l) {
     const auto& d = plan.layers[l];
+    const bool in_proj = l == 0 && plan.in_proj;
+    if (in_proj)  // x' = the in-proj's output: layer 1's read (gh) plus every skip read (grad_acc)
+      gh = grad_acc.add_(gh.to(acc_type)).to(in.compute).contiguous();
     const at::Tensor pre = saved[2 * l].to(in.compute).contiguous();
     const at::Tensor u = l > 0 ? saved[2 * l - 1].to(in.compute).contiguous() : xs;
     at::Tensor gz = at::empty_like(pre);
@@ -120,7 +128,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
     });
     at::Tensor gu = at::empty_like(u);
     layer_gemm_backward(d, u, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
-    if (l == 0 || !plan.xcol[l].empty()) {
+    if (in_proj) {
+      grad_rows = gu.to(acc_type);
+    } else if (l == 0 || !plan.xcol[l].empty()) {
       DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
         add_input_grad<scalar_t>(plan, l == 0 ? columns<scalar_t>(gu) : columns<scalar_t>(gu, &plan.xcol[l]),
                                  grad_acc.data_ptr<at::opmath_type<scalar_t>>());
@@ -128,9 +138,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
     }
     gh = gu;
   }
-  if (plan.scale != 1.0) grad_acc.mul_(plan.scale);
+  if (!plan.in_proj) grad_rows = grad_acc;
+  if (plan.scale != 1.0) grad_rows.mul_(plan.scale);
   for (auto& g : grad_params) g = g.to(in.io);
-  return {grad_acc.to(in.io), grad_params};
+  return {grad_rows.to(in.io), grad_params};
 }
 
 at::Tensor hgt_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ids,

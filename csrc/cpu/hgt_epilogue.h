@@ -92,8 +92,9 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
   const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
   const int64_t p = plan.p;
   T* prep = pre ? pre->data_ptr<T>() : nullptr;
-  const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
-  const A keep_scale = A(plan.keep_scale);
+  const LayerDropout& drop = plan.drop[l];
+  const uint32_t layer_hash = drop.on ? dropout_layer_hash(plan.seed, l) : 0;
+  const A keep_scale = A(drop.keep_scale);
   at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> row(w);
     A* v = row.data();
@@ -115,10 +116,10 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
         }
       }
       act_forward_row(d.act, v, w);
-      if (plan.dropout_on) {
+      if (drop.on) {
         const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
         for (int64_t f = 0; f < w; ++f)
-          if (!dropout_keep(rh, f, plan.threshold)) v[f] = A(0);
+          if (!dropout_keep(rh, f, drop.threshold)) v[f] = A(0);
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) v[f] *= keep_scale;
       }
@@ -150,8 +151,9 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
   const int64_t* perm = plan.perm[l].data();
   const T* prep = pre.data_ptr<T>();
   T* gzp = gz.data_ptr<T>();
-  const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
-  const A keep_scale = A(plan.keep_scale);
+  const LayerDropout& drop = plan.drop[l];
+  const uint32_t layer_hash = drop.on ? dropout_layer_hash(plan.seed, l) : 0;
+  const A keep_scale = A(drop.keep_scale);
   // Per block: bias partial [w] (pre-shuffle order), then dgamma [c], dbeta [c].
   const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
   std::vector<A> partial(blocks * width, A(0));
@@ -173,10 +175,10 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
 #pragma omp simd
           for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[f]);
         }
-        if (plan.dropout_on) {
+        if (drop.on) {
           const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
           for (int64_t f = 0; f < w; ++f)
-            gr[f] = dropout_keep(rh, f, plan.threshold) ? gr[f] * keep_scale : A(0);
+            gr[f] = dropout_keep(rh, f, drop.threshold) ? gr[f] * keep_scale : A(0);
         }
         if (d.has_norm) {
           for (int64_t j = 0; j < g; ++j) {

@@ -15,7 +15,7 @@ void input_maps(const LayerDesc& d, int64_t p, int64_t prev_width, std::vector<i
                 std::vector<int64_t>& hcol) {
   xcol.clear();
   hcol.resize(prev_width);
-  if (d.input_kind == kInputPrev) {
+  if (d.input_kind == kInputPrev || d.input_kind == kInputX) {  // X at l >= 1: after the in-proj, u = x' = h_0
     std::iota(hcol.begin(), hcol.end(), int64_t(0));
     return;
   }
@@ -35,8 +35,9 @@ void input_maps(const LayerDesc& d, int64_t p, int64_t prev_width, std::vector<i
 Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
                c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed) {
   Plan plan;
-  plan.layers = check_hgt_args(x, ids, params, layers, dropout, seed);
-  plan.p = x.size(1);
+  plan.layers = check_hgt_args(x, ids, params, layers, dropout, seed, /*allow_in_proj=*/true);
+  plan.p = stack_width(plan.layers, x.size(1));
+  plan.in_proj = plan.layers.front().input_kind == kInputProj;
   if (ids.has_value()) {
     check_ids_in_range(*ids, x.size(0));
     plan.ids = ids->to(at::kLong).contiguous();
@@ -56,9 +57,8 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
     plan.perm.push_back(std::move(perm));
   }
   plan.scale = scale;
-  plan.dropout_on = seed >= 0 && dropout > 0.0;
-  plan.threshold = dropout_threshold(dropout);
-  plan.keep_scale = 1.0 / (1.0 - dropout);
+  for (const auto& d : plan.layers)  // per layer: the in-proj has its own p
+    plan.drop.push_back({seed >= 0 && d.dropout > 0.0, dropout_threshold(d.dropout), 1.0 / (1.0 - d.dropout)});
   plan.seed = seed;
   return plan;
 }

@@ -5,7 +5,8 @@
 // columns [j a_l/g, (j+1) a_l/g)): the previous layer's epilogue writes its output straight into
 // u_l's columns (hcol map) and the stack input's columns are copied in beside it (xcol map), so
 // the split-and-mix or concat skip costs no extra pass and every group is one GEMM with the full
-// depth a_l/g. Layer 0 reads the gathered input xs itself.
+// depth a_l/g. Layer 0 reads the gathered input xs itself. With an in-proj (layer 0, kInputProj)
+// the stack input of layers >= 1 is its output x' = u_1 (layer 1 reads it whole, identity hcol).
 #pragma once
 
 #include <define_kernels/checks.h>
@@ -19,16 +20,21 @@
 namespace define_kernels::cpu {
 
 // Everything one op call shares; built once per call by make_plan.
+struct LayerDropout {
+  bool on = false;
+  uint32_t threshold = 0;
+  double keep_scale = 1.0;
+};
+
 struct Plan {
   std::vector<LayerDesc> layers;
+  std::vector<LayerDropout> drop;  // [layer]
   // [layer]: column of u_l holding column k of xs (empty: no skip) / column k of h_{l-1}.
   std::vector<std::vector<int64_t>> xcol, hcol;
   std::vector<std::vector<int64_t>> perm;  // [layer]: output position -> pre-shuffle position
-  int64_t rows = 0, p = 0;
+  int64_t rows = 0, p = 0;  // p: width of the stack input x the layers >= 1 read
+  bool in_proj = false;     // layer 0 is the in-proj: x' (its output) replaces xs for later layers
   double scale = 1.0;
-  bool dropout_on = false;
-  uint32_t threshold = 0;
-  double keep_scale = 1.0;
   int64_t seed = -1;
   at::Tensor ids;  // int64 contiguous, or undefined (row key = row index)
 };

@@ -20,6 +20,7 @@ import functools
 import importlib
 import logging
 import os
+import struct
 import threading
 import time
 import warnings
@@ -28,7 +29,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_X, HGTConfig
+from ..config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, HGTConfig
 from . import Backend, cuda_toolkit, register_backend
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,18 @@ ENV_VERBOSE = "DEFINE_KERNELS_VERBOSE_BUILD"
 ENV_CSRC = "DEFINE_KERNELS_CSRC"
 
 # ----------------------------------------------------------------------------- layer encoding
-_INPUT_KIND_CODES = {INPUT_X: 0, INPUT_MIX: 1, INPUT_CONCAT: 2, INPUT_PREV: 3}
+_INPUT_KIND_CODES = {INPUT_X: 0, INPUT_MIX: 1, INPUT_CONCAT: 2, INPUT_PREV: 3, INPUT_PROJ: 4}
 _ACT_CODES = {None: 0, "gelu": 1, "relu": 2, "silu": 3}
-INTS_PER_LAYER = 6
+INTS_PER_LAYER = 7
+
+
+def dropout_bits(p: float) -> int:
+    """A dropout probability as the int64 holding its float64 bits (the 7th int of a layer)."""
+    return struct.unpack("<q", struct.pack("<d", float(p)))[0]
+
+
+def dropout_from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -65,13 +75,14 @@ def _encoded_layers(config: HGTConfig) -> tuple:
     for index, layer in enumerate(config.layers):
         ints += [layer.in_features, layer.out_features, layer.groups,
                  _INPUT_KIND_CODES[layer.input_kind], int(config.layer_has_norm(index)),
-                 _ACT_CODES[config.layer_act(index)]]
+                 _ACT_CODES[config.layer_act(index)], dropout_bits(config.layer_dropout(index))]
     return tuple(ints)
 
 
 def encode_layers(config: HGTConfig) -> List[int]:
     """The `layers` argument of the C++ ops: per layer (in_features, out_features, groups,
-    input_kind 0 x | 1 mix | 2 concat | 3 prev, has_norm 0/1, act 0 none | 1 gelu | 2 relu | 3 silu).
+    input_kind 0 x | 1 mix | 2 concat | 3 prev | 4 proj, has_norm 0/1, act 0 none | 1 gelu |
+    2 relu | 3 silu, the layer's dropout probability as float64 bits: dropout_bits).
     The one place an HGTConfig is turned into these ints (cpu_cpp and cuda backends)."""
     return list(_encoded_layers(config))
 
@@ -229,9 +240,10 @@ def unavailable_reason() -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- fakes
-def check_cpp_args(x, ids, params, layers, dropout, seed) -> list:
+def check_cpp_args(x, ids, params, layers, dropout, seed, allow_in_proj=True) -> list:
     """Python mirror of checks.h (same arguments named, same exception types); returns the
-    per-layer (in, out, groups, kind, has_norm, act) tuples."""
+    per-layer (in, out, groups, kind, has_norm, act) tuples. allow_in_proj: the CPU ops run
+    an in-proj layer 0 (kind 4), the CUDA ones do not."""
     if x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [rows, in_dim], got {x.dim()} dims")
     if not x.dtype.is_floating_point:
@@ -248,20 +260,28 @@ def check_cpp_args(x, ids, params, layers, dropout, seed) -> list:
     if not -1 <= seed < 2**31:
         raise ValueError(f"seed must be -1 (no dropout) or in [0, 2^31), got {seed}")
     if not layers or len(layers) % INTS_PER_LAYER:
-        raise ValueError(f"layers must hold 6 ints per layer, got {len(layers)}")
+        raise ValueError(f"layers must hold 7 ints per layer, got {len(layers)}")
     p, prev, expected_shapes, table = x.shape[1], 0, [], []
     for index in range(len(layers) // INTS_PER_LAYER):
-        a, w, g, kind, norm, act = layers[index * INTS_PER_LAYER:(index + 1) * INTS_PER_LAYER]
+        a, w, g, kind, norm, act, bits = layers[index * INTS_PER_LAYER:(index + 1) * INTS_PER_LAYER]
         if min(a, w, g) <= 0 or a % g or w % g or norm not in (0, 1) or act not in range(4) \
-                or kind not in range(4) or (index == 0 and kind != 0):
+                or kind not in range(5) or (index == 0 and kind not in (0, 4)) \
+                or (index > 0 and kind == 4) or (kind == 4 and g != 1) \
+                or (index == 1 and table[0][3] == 4 and kind != 0) \
+                or not 0.0 <= dropout_from_bits(bits) < 1.0:
             raise ValueError(f"layers: layer {index} is invalid: {(a, w, g, kind, norm, act)}")
-        expected_in = {0: p, 1: p + prev, 2: p + prev, 3: prev}[kind]
+        if kind == 4 and not allow_in_proj:
+            raise ValueError("layers: layer 0 is an in-proj (input_kind 4), which this "
+                             "implementation does not run")
+        expected_in = {0: p, 1: p + prev, 2: p + prev, 3: prev, 4: p}[kind]
         if a != expected_in or (kind == 1 and (p % g or prev % g)):
             raise ValueError(f"layers: layer {index}: in_features {a} does not match its input "
                              f"({expected_in})")
         expected_shapes += [(g, a // g, w // g), (g, w // g)] + [(w // g,)] * (2 * norm)
         table.append((a, w, g, kind, norm, act))
         prev = w
+        if kind == 4:
+            p = w  # later layers read the in-proj's output as x
     if len(params) != len(expected_shapes):
         raise ValueError(f"params must hold {len(expected_shapes)} tensors for these layers, "
                          f"got {len(params)}")
@@ -364,8 +384,13 @@ CUDA_MAX_LAYERS = 16  # dk_cuda::kMaxLayers in csrc/cuda/hgt_kernels.cuh (fixed-
 
 
 def _cuda_input_reasons(inputs) -> List[str]:
+    reasons = []
     layers = len(inputs.config.layers)
-    return [f"{layers} layers, the CUDA kernels take at most {CUDA_MAX_LAYERS}"] if layers > CUDA_MAX_LAYERS else []
+    if layers > CUDA_MAX_LAYERS:
+        reasons.append(f"{layers} layers, the CUDA kernels take at most {CUDA_MAX_LAYERS}")
+    if inputs.config.has_in_proj:  # csrc/cuda reads one dropout p and x as every layer's skip
+        reasons.append("in-proj layer (in_proj_from) not implemented in the CUDA kernels")
+    return reasons
 
 
 # `auto` order on CPU comes from the measured ranking (backends/measured_ranking.json); without

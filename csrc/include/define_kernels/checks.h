@@ -12,6 +12,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -20,29 +21,41 @@
 
 namespace define_kernels {
 
-// The 6 ints per layer of the `layers` argument (see define_ops.cpp).
-enum InputKind : int64_t { kInputX = 0, kInputMix = 1, kInputConcat = 2, kInputPrev = 3 };
+// The 7 ints per layer of the `layers` argument (see define_ops.cpp). kInputProj: the in-proj,
+// layer 0 only, reading x (width n); its output is the stack input p of every later layer.
+enum InputKind : int64_t { kInputX = 0, kInputMix = 1, kInputConcat = 2, kInputPrev = 3, kInputProj = 4 };
 enum Act : int64_t { kActNone = 0, kActGelu = 1, kActRelu = 2, kActSilu = 3 };
-constexpr int64_t kIntsPerLayer = 6;
+constexpr int64_t kIntsPerLayer = 7;
+
+// The 7th int of a layer: its dropout probability, the bits of a float64 (exact).
+inline double layer_dropout_from_bits(int64_t bits) {
+  double p;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
 
 struct LayerDesc {
   int64_t in_features, out_features, groups, input_kind, act;
   bool has_norm;
   int64_t param_offset;  // index of this layer's weight in `params`
+  double dropout;        // this layer's dropout probability (training, seed >= 0)
   int64_t in_per_group() const { return in_features / groups; }
   int64_t out_per_group() const { return out_features / groups; }
 };
 
-// Decodes and validates `layers` against the stack input width p; returns one LayerDesc per layer.
-inline std::vector<LayerDesc> decode_layers(c10::IntArrayRef layers, int64_t p) {
+// Decodes and validates `layers` against the input width p of x (n when layer 0 is an in-proj,
+// whose out_features is then the p of the later layers); returns one LayerDesc per layer.
+inline std::vector<LayerDesc> decode_layers(c10::IntArrayRef layers, int64_t p, bool allow_in_proj) {
   DK_CHECK(!layers.empty() && layers.size() % kIntsPerLayer == 0, "layers",
-           "must hold 6 ints per layer, got ", layers.size());
+           "must hold 7 ints per layer, got ", layers.size());
   std::vector<LayerDesc> out;
   int64_t offset = 0, prev_width = 0;
   for (size_t i = 0; i < layers.size(); i += kIntsPerLayer) {
     const int64_t index = static_cast<int64_t>(i / kIntsPerLayer);
     LayerDesc d{layers[i], layers[i + 1], layers[i + 2], layers[i + 3], layers[i + 5],
-                layers[i + 4] != 0, offset};
+                layers[i + 4] != 0, offset, layer_dropout_from_bits(layers[i + 6])};
+    DK_CHECK(d.dropout >= 0.0 && d.dropout < 1.0, "layers", "layer ", index,
+             ": dropout must be in [0, 1), got ", d.dropout);
     DK_CHECK(d.in_features > 0 && d.out_features > 0 && d.groups > 0, "layers",
              "layer ", index, ": in_features, out_features and groups must be positive");
     DK_CHECK(d.in_features % d.groups == 0 && d.out_features % d.groups == 0, "layers",
@@ -52,10 +65,18 @@ inline std::vector<LayerDesc> decode_layers(c10::IntArrayRef layers, int64_t p) 
              ": has_norm must be 0 or 1, got ", layers[i + 4]);
     DK_CHECK(d.act >= kActNone && d.act <= kActSilu, "layers", "layer ", index,
              ": act must be 0..3, got ", d.act);
-    DK_CHECK(d.input_kind >= kInputX && d.input_kind <= kInputPrev, "layers", "layer ", index,
-             ": input_kind must be 0..3, got ", d.input_kind);
-    DK_CHECK(index > 0 || d.input_kind == kInputX, "layers",
-             "layer 0 must take the stack input (input_kind 0), got ", d.input_kind);
+    DK_CHECK(d.input_kind >= kInputX && d.input_kind <= kInputProj, "layers", "layer ", index,
+             ": input_kind must be 0..4, got ", d.input_kind);
+    DK_CHECK(index > 0 || d.input_kind == kInputX || d.input_kind == kInputProj, "layers",
+             "layer 0 must take the stack input (input_kind 0 or 4), got ", d.input_kind);
+    DK_CHECK(index == 0 || d.input_kind != kInputProj, "layers", "layer ", index,
+             ": only layer 0 can be an in-proj (input_kind 4)");
+    DK_CHECK(d.input_kind != kInputProj || allow_in_proj, "layers",
+             "layer 0 is an in-proj (input_kind 4), which this implementation does not run");
+    DK_CHECK(d.input_kind != kInputProj || d.groups == 1, "layers", "the in-proj must have 1 group, got ",
+             d.groups);
+    DK_CHECK(index != 1 || out[0].input_kind != kInputProj || d.input_kind == kInputX, "layers",
+             "layer 1 must read x (input_kind 0) after an in-proj, got ", d.input_kind);
     int64_t expected_in = p;
     if (d.input_kind == kInputMix || d.input_kind == kInputConcat) expected_in = p + prev_width;
     if (d.input_kind == kInputPrev) expected_in = prev_width;
@@ -67,8 +88,14 @@ inline std::vector<LayerDesc> decode_layers(c10::IntArrayRef layers, int64_t p) 
     out.push_back(d);
     offset += d.has_norm ? 4 : 2;
     prev_width = d.out_features;
+    if (d.input_kind == kInputProj) p = d.out_features;  // later layers read its output as x
   }
   return out;
+}
+
+// Width of the x every layer after an in-proj reads (the x width itself without one).
+inline int64_t stack_width(const std::vector<LayerDesc>& descs, int64_t x_width) {
+  return descs.front().input_kind == kInputProj ? descs.front().out_features : x_width;
 }
 
 inline int64_t expected_param_count(const std::vector<LayerDesc>& descs) {
@@ -88,7 +115,7 @@ inline void check_same_place(const at::Tensor& t, const at::Tensor& x, const std
 // Checks every argument of hgt_forward / hgt_backward that metadata can decide.
 inline std::vector<LayerDesc> check_hgt_args(const at::Tensor& x, const c10::optional<at::Tensor>& ids,
                                              at::TensorList params, c10::IntArrayRef layers,
-                                             double dropout, int64_t seed) {
+                                             double dropout, int64_t seed, bool allow_in_proj = false) {
   DK_CHECK(x.defined() && x.dim() == 2, "x", "must be a 2-D tensor [rows, in_dim], got ",
            x.defined() ? x.dim() : -1, " dims");
   DK_CHECK(at::isFloatingType(x.scalar_type()), "x", "must be floating point, got ", x.scalar_type());
@@ -101,7 +128,7 @@ inline std::vector<LayerDesc> check_hgt_args(const at::Tensor& x, const c10::opt
   }
   DK_CHECK(dropout >= 0.0 && dropout < 1.0, "dropout", "must be in [0, 1), got ", dropout);
   DK_CHECK(seed >= -1 && seed < (int64_t(1) << 31), "seed", "must be -1 (no dropout) or in [0, 2^31), got ", seed);
-  auto descs = decode_layers(layers, x.size(1));
+  auto descs = decode_layers(layers, x.size(1), allow_in_proj);
   const int64_t count = expected_param_count(descs);
   DK_CHECK(static_cast<int64_t>(params.size()) == count, "params", "must hold ", count,
            " tensors for these layers, got ", params.size());
