@@ -263,16 +263,20 @@ def compile_kernels_for_sm90():
     tuner = triton_hgt._forward_kernel()  # the GPU path wraps the kernel in an autotuner
     assert len(tuner.configs) == len(triton_hgt.forward_configs()) > 1
     config = HGTConfig(**dict(SMALL, transform="define_nomix", shuffle=True, dropout=0.1))
-    layout = triton_hgt.stack_layout(config, save=True)
-    tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
-    for candidate in triton_hgt.forward_configs():  # every autotune candidate uses wgmma on sm_90
+    in_proj = HGTConfig(**dict(SMALL, in_proj_from=20, in_proj_dropout=0.2, dropout=0.1))
+    for index, candidate in enumerate(triton_hgt.forward_configs()):  # every candidate: wgmma on sm_90
+        stack = in_proj if index == 0 else config  # the in-proj layout once (its x' reads)
+        tables = {k: v for k, v in triton_hgt.stack_layout(stack, save=index == 0).items()
+                  if k not in ("z_width", "h_width", "num_params")}
         _compile_sm90(forward.hgt_forward_kernel,
                       dict(x_ptr="*bf16", ids_ptr="*i32", params_ptr="*bf16", z_ptr="*fp32",
                            h_ptr="*bf16", y_ptr="*bf16", bases_ptr="*i64"),
                       dict(T="i32", stride_x="i32", stride_z="i32", stride_h="i32", scale="fp32",
-                           threshold="i32", drop_scale="fp32"),
+                           threshold="i32", drop_scale="fp32", proj_threshold="i32",
+                           proj_drop_scale="fp32"),
                       dict(tables, HAS_IDS=True, DROPOUT=True, DOT_PRECISION="tf32", **candidate.kwargs),
                       mma="wgmma", num_warps=candidate.num_warps, num_stages=candidate.num_stages)
+    layout = triton_hgt.stack_layout(config, save=True)
     tiles = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32)
     epilogue = triton_hgt.backward_tiles(torch.bfloat16)
     _compile_sm90(backward.epilogue_backward_kernel,

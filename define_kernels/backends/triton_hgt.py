@@ -65,7 +65,8 @@ import torch
 
 from ..config import HGTConfig
 from . import Backend, OpInputs, register_backend
-from .triton_layout import _dropout_args, _packed, dropout_bases, dropout_bases_tensor, stack_layout  # noqa: F401
+from .triton_layout import (_dropout_args, _packed, dropout_bases, dropout_bases_tensor,  # noqa: F401
+                            layer_dropout_args, stack_layout)
 
 PRIORITY = 10               # ahead of the C++ CUDA backend
 INTERPRETER_PRIORITY = 2000  # behind the reference: `auto` never routes real work to the interpreter
@@ -175,7 +176,7 @@ def weight_grad_splits(programs: int, rows: int, block_t: int, device) -> int:
 
 
 _FORWARD_KEYS = ["IN", "OUT", "GROUPS", "KINDS", "NORMS", "ACTS", "Z_OFF", "SHUFFLE", "DROPOUT",
-                 "HAS_IDS", "DOT_PRECISION"]
+                 "HAS_IDS", "DOT_PRECISION", "IN_PROJ"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,6 +233,7 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: boo
     if rows == 0:
         return y, z, h, layout
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
+    proj_threshold, proj_drop_scale = layer_dropout_args(config, 0)  # layer 0's: the in-proj's own p
     flat = _pack(params, wrap)
     ids_arg = ids.contiguous() if ids is not None else x  # unused when HAS_IDS is False
     tables = {k: v for k, v in layout.items() if k not in ("z_width", "h_width", "num_params")}
@@ -241,7 +243,7 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: boo
         wrap(kernel)[grid](
             x, ids_arg, flat, z, h, y, bases,
             rows, x.stride(0), z.stride(0), h.stride(0), float(scale), threshold, drop_scale,
-            HAS_IDS=ids is not None, DROPOUT=dropout,
+            proj_threshold, proj_drop_scale, HAS_IDS=ids is not None, DROPOUT=dropout,
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", **tables, **tiles)
     return y, z, h, layout
 
@@ -266,7 +268,7 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
     x = x.contiguous()
     rows = x.shape[0] if ids is None else ids.shape[0]
     if rows == 0:
-        return x.new_zeros(0, config.in_dim), [torch.zeros_like(p) for p in params]
+        return x.new_zeros(0, config.input_width), [torch.zeros_like(p) for p in params]
     flat = _pack(params, wrap)
     dropout, bases, threshold, drop_scale = _dropout_args(config, seed, device)
     ids_arg = ids.contiguous() if ids is not None else x
@@ -276,7 +278,11 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
     precision = "ieee" if dtype == torch.float32 else "tf32"
     row_tiles = triton.cdiv(rows, block_t)
     widest = max(layer.out_features for layer in config.layers)
-    dx = torch.zeros(rows, config.in_dim, device=device, dtype=torch.float32)
+    dx = torch.zeros(rows, config.input_width, device=device, dtype=torch.float32)
+    # With an in-proj, layers >= 1 read x' (h at XP_OFF) and add their x-part gradient to dxp,
+    # which is then the output gradient of layer 0; layer 0's input gradient goes to dx.
+    dxp = torch.zeros(rows, config.in_dim, device=device, dtype=torch.float32) if config.has_in_proj else dx
+    x_prime = h[:, layout["XP_OFF"]:]
     dz = torch.empty(rows, widest, device=device, dtype=torch.float32)
     dh_buffers = [torch.empty(rows, widest, device=device, dtype=torch.float32) for _ in range(2)]
     dh = grad_y.contiguous()
@@ -286,6 +292,10 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
         groups, width, fan_in = layer.groups, layer.out_features, layer.in_features
         c, a_g = width // groups, fan_in // groups
         has_norm = config.layer_has_norm(index)
+        reads_x_prime = config.has_in_proj and index > 0
+        if config.has_in_proj and index == 0:
+            dh = dxp
+        threshold, drop_scale = layer_dropout_args(config, index)
         partial_shape = (row_tiles, groups, c) if has_norm else (1,)
         dgamma = torch.empty(partial_shape, device=device, dtype=torch.float32)
         dbeta = torch.empty(partial_shape, device=device, dtype=torch.float32)
@@ -306,14 +316,16 @@ def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
         tokens_per_split = triton.cdiv(triton.cdiv(rows, splits), block_t) * block_t
         splits = triton.cdiv(rows, tokens_per_split)
         partial_weight = torch.empty(splits, groups, a_g, c, device=device, dtype=torch.float32)
+        x_in, x_scale = (x_prime, 1.0) if reads_x_prime else (x, float(scale))
         wrap(weight_grad_kernel)[(weight_tiles, splits, groups)](
-            x, ids_arg, h_in, dz, partial_weight, rows, tokens_per_split, x.stride(0),
-            h.stride(0), dz.stride(0), float(scale), HAS_IDS=ids is not None, num_warps=warps,
-            **shape)
+            x_in, ids_arg, h_in, dz, partial_weight, rows, tokens_per_split, x_in.stride(0),
+            h.stride(0), dz.stride(0), x_scale, HAS_IDS=ids is not None and not reads_x_prime,
+            num_warps=warps, **shape)
         grad_weight = partial_weight.sum(0).to(dtype)
         dh_below = dh_buffers[index % 2]
+        dx_in = dxp if reads_x_prime else dx
         wrap(input_grad_kernel)[(row_tiles, triton.cdiv(a_g, block_k), groups)](
-            dz, flat, dx, dh_below, rows, dz.stride(0), dx.stride(0), dh_below.stride(0),
+            dz, flat, dx_in, dh_below, rows, dz.stride(0), dx_in.stride(0), dh_below.stride(0),
             W_OFF=layout["W_OFF"][index], num_warps=tiles["input_grad_warps"], **shape)
         grads = [grad_weight, dz[:, :width].reshape(rows, groups, c).sum(0).to(dtype)]
         if has_norm:

@@ -30,6 +30,8 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
 
     save=False: z reuses one max_w-wide scratch, h ping-pongs between two (forward only).
     save=True: every layer gets its own z and h columns (kept for the backward).
+    With an in-proj (IN_PROJ), its output x' stays in h at XP_OFF for every later layer's skip
+    read: its own p columns after the ping-pong pair when save=False.
     """
     from .triton_kernels.common import ACT_CODES, KIND_CODES
     layers = config.layers
@@ -56,6 +58,9 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
         z_off = (0,) * len(layers)
         h_off = tuple((index % 2) * widest for index in range(len(layers) - 1)) + (0,)
         z_width, h_width = widest, 2 * widest
+        if config.has_in_proj:
+            h_off = (2 * widest,) + h_off[1:]
+            h_width += config.in_dim
     return dict(
         IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
         GROUPS=tuple(layer.groups for layer in layers),
@@ -66,6 +71,7 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
         **{name: tuple(values) for name, values in offsets.items()},
         Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
         P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
+        IN_PROJ=config.has_in_proj, XP_OFF=h_off[0],
         z_width=z_width, h_width=h_width, num_params=position)
 
 
@@ -115,10 +121,17 @@ def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.T
 def _dropout_args(config: HGTConfig, seed, device):
     """seed: None, a Python int (registry path) or a 0-d tensor (the triton_op path)."""
     from ..reference import dropout_threshold
-    if seed is None or config.dropout == 0:
+    if seed is None or not config.has_dropout:
         return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
     if isinstance(seed, torch.Tensor):
         bases = dropout_bases_tensor(seed, len(config.layers), device)
     else:
         bases = dropout_bases(seed, len(config.layers), device)
     return True, bases, dropout_threshold(config.dropout), 1.0 / (1.0 - config.dropout)
+
+
+def layer_dropout_args(config: HGTConfig, index: int) -> tuple:
+    """(threshold, keep scale) of layer `index` (the in-proj has its own probability)."""
+    from ..reference import dropout_threshold
+    p = config.layer_dropout(index)
+    return dropout_threshold(p), 1.0 / (1.0 - p)

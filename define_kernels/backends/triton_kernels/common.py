@@ -6,7 +6,7 @@ ACT_NONE / GELU / RELU / SILU.
 import triton
 import triton.language as tl
 
-KIND_CODES = {"x": 0, "mix": 1, "concat": 2, "prev": 3}
+KIND_CODES = {"x": 0, "mix": 1, "concat": 2, "prev": 3, "proj": 0}  # the in-proj reads x as a first layer does
 ACT_CODES = {None: 0, "gelu": 1, "relu": 2, "silu": 3}
 
 

@@ -14,6 +14,8 @@ Offsets: `rows` and the gathered table rows are int64 (the program id is cast be
 by BLOCK_T), so row x stride products stay exact past 2^31 elements; parameter offsets are
 constexprs bounded by the parameter count. With SAVE-layout offsets (distinct columns per
 layer) the same kernel leaves every layer's z and h behind for the backward.
+With an in-proj (IN_PROJ, layer 0, its own dropout probability), layer 0 reads the gathered rows
+and writes x' into the h scratch at XP_OFF; every later layer reads its x part from there.
 """
 import triton
 import triton.language as tl
@@ -131,7 +133,8 @@ def hgt_forward_kernel(
         # pointers
         x_ptr, ids_ptr, params_ptr, z_ptr, h_ptr, y_ptr, bases_ptr,
         # runtime sizes and scalars
-        T, stride_x, stride_z, stride_h, scale, threshold, drop_scale,
+        T, stride_x, stride_z, stride_h, scale, threshold, drop_scale, proj_threshold,
+        proj_drop_scale,
         # per-layer tables (tuples with one entry per layer)
         IN: tl.constexpr, OUT: tl.constexpr, GROUPS: tl.constexpr, KINDS: tl.constexpr,
         PREV_W: tl.constexpr, NORMS: tl.constexpr, ACTS: tl.constexpr, W_OFF: tl.constexpr,
@@ -139,8 +142,8 @@ def hgt_forward_kernel(
         H_OFF: tl.constexpr, HIN_OFF: tl.constexpr,
         # stack options and tiles
         P: tl.constexpr, NUM_LAYERS: tl.constexpr, HAS_IDS: tl.constexpr, SHUFFLE: tl.constexpr,
-        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, IN_PROJ: tl.constexpr,
+        XP_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[rows] = HGT(x[ids[rows]] * scale) for the BLOCK_T rows of this program."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -149,19 +152,36 @@ def hgt_forward_kernel(
     else:
         x_rows = rows
     row_keys = x_rows.to(tl.uint32)  # dropout row key: token id, else row index
+    if IN_PROJ:  # the x of layers >= 1: x', the in-proj's output rows in the h scratch
+        skip_ptr = h_ptr + XP_OFF
+        skip_rows = rows
+        skip_stride = stride_h
+        skip_scale = 1.0
+    else:
+        skip_ptr = x_ptr
+        skip_rows = x_rows
+        skip_stride = stride_x
+        skip_scale = scale
     for layer in tl.static_range(NUM_LAYERS):
         row_hash = row_keys
         if DROPOUT:
             row_hash = fmix32(tl.load(bases_ptr + layer).to(tl.uint32) ^ row_keys)
-        if layer == NUM_LAYERS - 1:
-            layer_forward(x_ptr, x_rows, stride_x, scale, h_ptr + HIN_OFF[layer],
+        if IN_PROJ and layer == 0:  # the in-proj: gathered rows -> x' (h at XP_OFF)
+            layer_forward(x_ptr, x_rows, stride_x, scale, h_ptr, z_ptr + Z_OFF[layer],
+                          h_ptr + XP_OFF, stride_h, params_ptr, rows, row_mask, stride_z,
+                          stride_h, row_hash, proj_threshold, proj_drop_scale,
+                          P, IN[layer], OUT[layer], GROUPS[layer], KINDS[layer], PREV_W[layer],
+                          NORMS[layer], ACTS[layer], W_OFF[layer], B_OFF[layer], NW_OFF[layer],
+                          NB_OFF[layer], SHUFFLE, DROPOUT, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K)
+        elif layer == NUM_LAYERS - 1:
+            layer_forward(skip_ptr, skip_rows, skip_stride, skip_scale, h_ptr + HIN_OFF[layer],
                           z_ptr + Z_OFF[layer], y_ptr, OUT[layer], params_ptr, rows, row_mask,
                           stride_z, stride_h, row_hash, threshold, drop_scale,
                           P, IN[layer], OUT[layer], GROUPS[layer], KINDS[layer], PREV_W[layer],
                           NORMS[layer], ACTS[layer], W_OFF[layer], B_OFF[layer], NW_OFF[layer],
                           NB_OFF[layer], SHUFFLE, DROPOUT, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K)
         else:
-            layer_forward(x_ptr, x_rows, stride_x, scale, h_ptr + HIN_OFF[layer],
+            layer_forward(skip_ptr, skip_rows, skip_stride, skip_scale, h_ptr + HIN_OFF[layer],
                           z_ptr + Z_OFF[layer], h_ptr + H_OFF[layer], stride_h, params_ptr, rows,
                           row_mask, stride_z, stride_h, row_hash, threshold, drop_scale,
                           P, IN[layer], OUT[layer], GROUPS[layer], KINDS[layer], PREV_W[layer],
