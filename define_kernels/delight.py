@@ -50,7 +50,8 @@ def delight_define(num_embeddings: int, embedding_dim: int, *, map_dim: int = 12
                              f"({map_dim} * {width_multiplier}); pass expand_dim instead")
         expand_dim = int(k)
     settings = dict(DELIGHT_HGT_OPTIONS, in_proj_dim=embedding_dim // 2, init="xavier_3d",
-                    zero_padding_output=False, in_proj_dropout=dropout, dropout=dropout)
+                    zero_padding_output=False, in_proj_dropout=dropout, dropout=dropout,
+                    map_dropout_mode="sequence")
     settings.update(options)
     return DeFINE(num_embeddings, embedding_dim, map_dim=map_dim, expand_dim=expand_dim,
                   depth=depth, max_groups=max_groups, padding_idx=padding_idx, **settings)
@@ -179,7 +180,8 @@ def from_delight(state_dict: Dict[str, torch.Tensor], prefix: str = "", *,
         _check_unexpected(state_dict, prefix, set(_their_keys(config, has_norm, prefix)))
     hgt_options = {name: value for name, value in base.items()
                    if name not in ("in_dim", "out_dim", "depth", "max_groups")}
-    module_options = dict(init="xavier_3d", zero_padding_output=False, in_proj_dropout=dropout)
+    module_options = dict(init="xavier_3d", zero_padding_output=False, in_proj_dropout=dropout,
+                          map_dropout_mode="sequence")
     module_options.update(options)
     module = DeFINE(num_embeddings, embedding_dim, map_dim=map_dim, expand_dim=config.expand_dim,
                     depth=depth, max_groups=max_groups, padding_idx=padding_idx, in_proj_dim=p,
@@ -250,9 +252,10 @@ def to_delight(module: DeFINE, prefix: str = "") -> Dict[str, torch.Tensor]:
     if has_norm:
         theirs[IN_PROJ + NORM + "weight"] = module.in_proj_norm.weight
         theirs[IN_PROJ + NORM + "bias"] = module.in_proj_norm.bias
-    for index, (layer, params) in enumerate(zip(config.layers, module.hgt.layers)):
+    stack = config.layers[config.first_stack_layer:]  # the in-proj (layer 0) was written above
+    for index, (layer, params) in enumerate(zip(stack, module.hgt.layers)):
         g, a, w = layer.groups, layer.in_features, layer.out_features
-        base = OUTPUT if index > config.reduce_index else LAYER.format(index)
+        base = OUTPUT if index > config.depth else LAYER.format(index)
         if g == 1:
             theirs[base + "weights"] = params.weight.reshape(a, w).t()
             theirs[base + "bias"] = params.bias.reshape(w)

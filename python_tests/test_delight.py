@@ -44,11 +44,13 @@ def _ids_with_padding(vocab, shape):
 def test_layer_tables_follow_their_config_and_truncation_matters():
     for name, (vocab, n, m, k, depth, max_groups, norm, act) in CONFIGS.items():
         _, module, _ = _module(name)
-        table = their_layer_table(m // 2, k, m, depth, max_groups) + [(m // 2 + m, m, 1)]
+        table = [(n, m // 2, 1)] + their_layer_table(m // 2, k, m, depth, max_groups) \
+            + [(m // 2 + m, m, 1)]  # the in-proj is layer 0 of the table
         assert [(l.in_features, l.out_features, l.groups) for l in module.config.layers] == table
     config = _module("deep11")[1].config
     exact = HGTConfig(config.in_dim, config.expand_dim, config.out_dim, config.depth,
-                      config.max_groups, group_rule="cycle", output_layer=True)
+                      config.max_groups, group_rule="cycle", output_layer=True,
+                      in_proj_from=config.in_proj_from)
     assert exact.layers != config.layers  # the D = 11 case really exercises truncation
 
 
@@ -88,7 +90,7 @@ def test_import_matches_their_formulation_on_gpu_fp32(backend):
 
 def _skip_unusable(backend, module, dtype, device="cpu"):
     config = module.config
-    x = torch.zeros(1, config.in_dim, dtype=dtype, device=device)
+    x = torch.zeros(1, config.input_width, dtype=dtype, device=device)
     usable_backend(backend, backends.OpInputs(x, None, [], config, 1.0, None))
 
 
@@ -118,7 +120,7 @@ def check_gradients(name, backend, dtype, device):
     (y * grad_y.to(device, dtype)).sum().backward()
     assert_close(y.detach().cpu(), expected_y.detach().to(dtype), dtype, name="y")
     grads = {key: param.grad.cpu() for key, param in module.named_parameters()}
-    out = module.config.reduce_index + 1
+    out = module.config.reduce_index  # hgt.layers index of the output layer (in-proj: config layer 0)
     pairs = {
         "output_layer.weights": (_their_weight(grads[f"hgt.layers.{out}.weight"]),
                                  theirs["dextra_layer.output_layer.weights"].grad),
@@ -133,6 +135,11 @@ def check_gradients(name, backend, dtype, device):
         "expand2.weights": (_their_weight(grads["hgt.layers.1.weight"]),
                             theirs["dextra_layer.dextra_layers.1.weights"].grad),
         "in_proj.weight": (grads["in_proj.weight"], theirs["dextra_layer.input_layer.weights"].grad),
+        "in_proj.bias": (grads["in_proj.bias"], theirs["dextra_layer.input_layer.bias"].grad),
+        "in_proj_norm.weight": (grads["in_proj_norm.weight"],
+                                theirs["dextra_layer.input_layer.normalization_fn.weight"].grad),
+        "in_proj_norm.bias": (grads["in_proj_norm.bias"],
+                              theirs["dextra_layer.input_layer.normalization_fn.bias"].grad),
         "map_weight": (grads["map_weight"], theirs["map_layer.weight"].grad),
     }
     for name, (grad, expected) in pairs.items():
@@ -231,9 +238,11 @@ def test_dropout_on_every_layer_matches_the_reference_backend(backend, dtype):
         torch.manual_seed(7)
         y = module(ids)
         y.sum().backward()
-        outputs.append((y.detach(), module.hgt.layers[-1].weight.grad))
-    (y_ref, grad_ref), (y, grad) = outputs
+        outputs.append((y.detach(), module.hgt.layers[-1].weight.grad, module.in_proj.weight.grad,
+                        module.map_weight.grad))
+    (y_ref, *grads_ref), (y, *grads) = outputs
     assert (y_ref == 0).any()  # dropout is on
     assert_close(y, y_ref, dtype, name="y")
-    assert_close(grad / grad_ref.abs().max(), grad_ref / grad_ref.abs().max(), dtype,
-                 name="output layer weight grad")
+    for name, grad, grad_ref in zip(["output layer weight", "in_proj.weight", "map_weight"], grads, grads_ref):
+        assert_close(grad / grad_ref.abs().max(), grad_ref / grad_ref.abs().max(), dtype,
+                     name=f"{name} grad")

@@ -223,12 +223,24 @@ def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
 
 # ------------------------------------------------------------------------------ found by the fuzz
 @pytest.mark.xfail(strict=True, reason="library bug found by test_fuzz_module: on the unfused path "
-                   "(sparse=True or in_proj_dim) the stack's dropout masks are keyed by row index, "
-                   "not token id (define.py, DeFINE._embed: ops.hgt(x, ...) without ids), so dedup "
-                   "changes the masks")
-@pytest.mark.parametrize("options", [dict(sparse=True), dict(in_proj_dim=16)], ids=["sparse", "in-proj"])
-def test_dedup_is_exact_with_dropout_on_the_unfused_path(options):
-    assert_close(*_dedup_on_and_off_outputs(dropout=0.3, **options), name="dedup on vs off")
+                   "(sparse=True) the stack's dropout masks are keyed by row index, not token id "
+                   "(define.py, DeFINE._embed: ops.hgt(x, ...) without ids), so dedup changes the masks")
+def test_dedup_is_exact_with_dropout_on_the_unfused_path():
+    assert_close(*_dedup_on_and_off_outputs(dropout=0.3, sparse=True), name="dedup on vs off")
+
+
+@pytest.mark.parametrize("options", [dict(dropout=0.3), dict(in_proj_dropout=0.4),
+                                     dict(dropout=0.3, in_proj_dropout=0.2)],
+                         ids=["stack", "in-proj", "both"])
+def test_dedup_is_exact_with_in_proj_dropout(options):
+    """Once found with the in-proj outside the op (masks keyed by row): it is now layer 0 of the
+    fused op, its mask hashed by token id like every layer's."""
+    torch.manual_seed(0)
+    on, off = _dedup_on_and_off_outputs(in_proj_dim=16, **options)
+    torch.manual_seed(0)  # the same parameters, no dropout: the masks above did drop something
+    plain, _ = _dedup_on_and_off_outputs(in_proj_dim=16)
+    assert not torch.allclose(on, plain)
+    assert_close(on, off, name="dedup on vs off")
 
 
 @pytest.mark.xfail(strict=True, reason="library gap found by test_fuzz_module: map_dropout uses "
