@@ -66,9 +66,13 @@ FUZZ_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @st.composite
-def hgt_configs(draw, max_width: int = 24, max_depth: int = 3) -> HGTConfig:
-    """An HGTConfig over every option, with odd widths (align 1 or 3, odd out_dim)."""
+def hgt_configs(draw, max_width: int = 24, max_depth: int = 3, in_proj: bool = False) -> HGTConfig:
+    """An HGTConfig over every option, with odd widths (align 1 or 3, odd out_dim); with
+    in_proj, also an in-proj layer 0 (op input width 1..9, its own dropout) half the time."""
     options = {name: draw(strategy) for name, strategy in CONFIG_OPTIONS.items()}
+    if in_proj and draw(st.booleans()):
+        options["in_proj_from"] = draw(st.integers(1, 9))
+        options["in_proj_dropout"] = draw(st.sampled_from([0.0, 0.3]))
     max_groups = draw(st.sampled_from([1, 2, 4]))
     in_dim = max_groups * draw(st.integers(1, max(1, max_width // (2 * max_groups))))
     expand_dim = draw(st.integers(in_dim, in_dim + max_width))

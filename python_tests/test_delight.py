@@ -81,9 +81,17 @@ def test_import_matches_their_formulation_triton_fp32(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_import_matches_their_formulation_on_gpu_fp32(backend):
-    """The output layer through the GPU backends (skips, with the reason, without a device)."""
+    """Their layout through the GPU backends (skips, with the reason, without a device). The
+    CUDA kernels do not run the in-proj layer: that backend must decline it, naming it."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backend == "cuda":
+        module = _module("wrap4", backend, dtype=torch.float32)[1].cuda()
+        x = torch.zeros(1, module.config.input_width, device="cuda")
+        reasons = backends._REGISTRY["cuda"].not_supported_reasons(
+            backends.OpInputs(x, None, [], module.config, 1.0, None))
+        assert any("in-proj" in reason for reason in reasons), reasons
+        return
     for name in ("wrap4", "deep11"):
         check_gradients(name, backend, torch.float32, "cuda")
 

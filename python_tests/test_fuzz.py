@@ -22,17 +22,17 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @st.composite
 def op_cases(draw, max_tokens=12, max_width=24, max_depth=3):
-    config = draw(hgt_configs(max_width=max_width, max_depth=max_depth))
+    config = draw(hgt_configs(max_width=max_width, max_depth=max_depth, in_proj=True))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     gather = draw(st.booleans())
     tokens = draw(st.sampled_from([0, 1, 2]) | st.integers(1, max_tokens))
     if gather:
         vocab = draw(st.integers(1, 17))
-        x = torch.randn(vocab, config.in_dim, generator=generator, dtype=torch.float64)
+        x = torch.randn(vocab, config.input_width, generator=generator, dtype=torch.float64)
         ids = id_tensor(draw, vocab, (tokens,), draw(st.sampled_from([torch.int32, torch.int64])))
     else:
-        x, ids = torch.randn(tokens, config.in_dim, generator=generator, dtype=torch.float64), None
-    seed = draw(st.integers(0, 2**31 - 2)) if config.dropout > 0 and draw(st.booleans()) else None
+        x, ids = torch.randn(tokens, config.input_width, generator=generator, dtype=torch.float64), None
+    seed = draw(st.integers(0, 2**31 - 2)) if config.has_dropout and draw(st.booleans()) else None
     return dict(config=config, x=x, ids=ids, params=random_params(config, generator),
                 grad_y=torch.randn(tokens, config.out_dim, generator=generator, dtype=torch.float64),
                 scale=draw(st.sampled_from([1.0, 0.7, 2.5])), seed=seed,
