@@ -65,7 +65,13 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
     grad_rows, grad_params = chosen.backward(grad_y.contiguous(), *inputs)
     # Autograd can hand back grad_y itself (a one-row bias gradient); a custom op must not alias.
     grad_rows, *grad_params = _unaliased([grad_rows, *grad_params], [grad_y, x, *params])
-    return grad_rows, grad_params
+    return grad_rows, _contiguous(grad_params)
+
+
+def _contiguous(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Parameter gradients laid out contiguously, as the fakes promise, whatever the parameter's
+    strides (DeFINE passes its in-proj weight as a transposed view)."""
+    return [g.contiguous() for g in grads]
 
 
 def _unaliased(outputs: List[torch.Tensor], inputs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -97,7 +103,7 @@ def _hgt_forward_fake(x, ids, params, config, scale, seed, backend):
 @hgt_backward.register_fake
 def _hgt_backward_fake(grad_y, x, ids, params, config, scale, seed, backend):
     check_op_inputs(x, ids, params, HGTConfig.from_key(config))
-    return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
+    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,7 +150,7 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     x, ids, params, cfg, scale, seed_value = inputs
     grad_rows, grad_params = chosen.backward_saved(grad_y.contiguous(), x, ids, params, list(saved),
                                                    cfg, scale, seed_value)
-    return grad_rows, list(grad_params)
+    return grad_rows, _contiguous(list(grad_params))
 
 
 def _check_saved(saved, x, ids, cfg):
@@ -166,7 +172,7 @@ def _hgt_backward_saved_fake(grad_y, x, ids, params, saved, config, scale, seed,
     cfg = HGTConfig.from_key(config)
     check_op_inputs(x, ids, params, cfg)
     _check_saved(saved, x, ids, cfg)
-    return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
+    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
 
 
 def _setup_context_saving(ctx, inputs, output):

@@ -312,7 +312,7 @@ def _register_fakes() -> None:
         if tuple(grad_y.shape) != expected or grad_y.dtype != x.dtype:
             raise ValueError(f"grad_y must have shape {list(expected)} and dtype {x.dtype}, got "
                              f"{list(grad_y.shape)} {grad_y.dtype}")
-        return x.new_empty(_rows(x, ids), x.shape[1]), [torch.empty_like(p) for p in params]
+        return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
 
     @torch.library.register_fake(f"{EXT_NAME}::hgt_forward_saving")
     def _forward_saving_fake(x, ids, params, layers, shuffle, dropout, scale, seed):
@@ -328,7 +328,7 @@ def _register_fakes() -> None:
         if [tuple(s.shape) for s in saved] != expected:
             raise ValueError(f"saved must hold tensors of shapes {expected}, got "
                              f"{[tuple(s.shape) for s in saved]}")
-        return x.new_empty(rows, x.shape[1]), [torch.empty_like(p) for p in params]
+        return x.new_empty(rows, x.shape[1]), [p.new_empty(p.shape) for p in params]
 
 
 def _saved_widths(table) -> List[int]:
