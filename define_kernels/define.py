@@ -60,8 +60,8 @@ class DeFINE(nn.Module):
         Checkpoints describe the options that change the function (see checkpoint.py); loading
         one saved with other options raises ValueError naming them, and zeroes the padding row.
         sparse: the map table's gradient is a sparse tensor over the batch's rows (as
-            nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight). The gather
-            then runs outside the fused op.
+            nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight), returned by
+            the fused op (ops.hgt(sparse_grad=True)).
         backend: 'auto' (process default, see set_backend) or a registry name.
         in_proj_dropout: dropout after the in-proj's activation (training only), hashed like
             the stack's (seed, layer 0, token id, feature).
@@ -240,10 +240,12 @@ class DeFINE(nn.Module):
         """The live stack for 1-D ids -> [len(ids), m] (no dedup, no cache)."""
         seed = self.hgt.dropout_seed()
         params = self.op_params()
-        if not self.sparse and not (self.training and self.map_dropout > 0):
-            # Fused path: the op gathers and scales the map rows itself (and runs the in-proj).
+        if not (self.training and self.map_dropout > 0):
+            # Fused path: the op gathers and scales the map rows itself (and runs the in-proj);
+            # with sparse, it returns the table's gradient as a sparse tensor over those rows.
             y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
-                        seed=seed, backend=self.backend, activations=self.hgt.activations)
+                        seed=seed, backend=self.backend, activations=self.hgt.activations,
+                        sparse_grad=self.sparse)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)

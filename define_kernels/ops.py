@@ -1,14 +1,17 @@
 """The public ops, defined once with torch.library; every backend runs behind them.
 
-    define_kernels::hgt_forward(x, ids, params, config, scale, seed, backend) -> y
+    define_kernels::hgt_forward(x, ids, params, config, scale, seed, backend, sparse_grad=False) -> y
     define_kernels::hgt_backward(grad_y, x, ids, params, config, scale, seed, backend)
         -> (grad_rows, grad_params)
-    define_kernels::hgt_forward_saving(x, ids, params, config, scale, seed, backend) -> (y, saved)
+    define_kernels::hgt_forward_saving(x, ids, params, config, scale, seed, backend, sparse_grad=False)
+        -> (y, saved)
     define_kernels::hgt_backward_saved(grad_y, x, ids, params, saved, config, scale, seed, backend)
         -> (grad_rows, grad_params)
 
 x is a dense input [T, p] (ids None) or a map table [V, p] gathered by 1-D ids [T]; the stack input
-is those rows times `scale`. `config` is `HGTConfig.key`; `seed` is a 0-d int64 CPU tensor in
+is those rows times `scale` (with an in-proj, x is [T, n] or [V, n]: its layer 0 reads them).
+`sparse_grad` (ids given): the table's gradient is a sparse COO tensor over the gathered rows, as
+nn.Embedding(sparse=True) gives (for torch.optim.SparseAdam). `config` is `HGTConfig.key`; `seed` is a 0-d int64 CPU tensor in
 training with dropout, else None; `backend` is a registry name or 'auto'. Backward returns the
 gradient per gathered row; the autograd rule scatters it into the table, so the op never
 allocates a table-sized buffer itself.
@@ -52,7 +55,8 @@ def _prepare(x, ids, params, config, scale, seed, backend, policy=backends.RECOM
 
 @torch.library.custom_op("define_kernels::hgt_forward", mutates_args=())
 def hgt_forward(x: torch.Tensor, ids: Optional[torch.Tensor], params: List[torch.Tensor],
-                config: str, scale: float, seed: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+                config: str, scale: float, seed: Optional[torch.Tensor], backend: str,
+                sparse_grad: bool = False) -> torch.Tensor:
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend)
     return chosen.forward(*inputs)
 
@@ -94,7 +98,7 @@ def _rows(x, ids):
 
 
 @hgt_forward.register_fake
-def _hgt_forward_fake(x, ids, params, config, scale, seed, backend):
+def _hgt_forward_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
     cfg = HGTConfig.from_key(config)
     check_op_inputs(x, ids, params, cfg)
     return x.new_empty(_rows(x, ids), cfg.out_dim)
@@ -107,21 +111,35 @@ def _hgt_backward_fake(grad_y, x, ids, params, config, scale, seed, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, ids, params, config, scale, seed, backend = inputs
+    x, ids, params, config, scale, seed, backend, *sparse_grad = inputs
     ctx.save_for_backward(x, ids, seed, *params)
     ctx.config, ctx.scale, ctx.backend = config, scale, backend
+    _keep_sparse_grad(ctx, inputs, sparse_grad)
+
+
+def _keep_sparse_grad(ctx, inputs, sparse_grad):
+    ctx.sparse_grad = bool(sparse_grad and sparse_grad[0])
+
+
+def _grads_per_input(ctx, grad_table, grad_params):
+    # One entry per input as autograd recorded them: it leaves out sparse_grad when it has its
+    # default value, and needs_input_grad has that structure.
+    return (grad_table, None, list(grad_params)) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _backward(ctx, grad_y):
     x, ids, seed, *params = ctx.saved_tensors
     grad_rows, grad_params = hgt_backward(grad_y, x, ids, params, ctx.config, ctx.scale, seed,
                                           ctx.backend)
-    return _table_grad(x, ids, grad_rows), None, list(grad_params), None, None, None, None
+    return _grads_per_input(ctx, _table_grad(x, ids, grad_rows, ctx.sparse_grad), grad_params)
 
 
-def _table_grad(x, ids, grad_rows):
+def _table_grad(x, ids, grad_rows, sparse_grad=False):
     if ids is None:
         return grad_rows
+    if sparse_grad:  # one row per gathered id, uncoalesced, as nn.Embedding(sparse=True)
+        return torch.sparse_coo_tensor(ids.unsqueeze(0).to(torch.int64), grad_rows.to(x.dtype),
+                                       x.shape, check_invariants=False)
     # rows -> table: summed per id, dense like nn.Embedding's default gradient
     return torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
 
@@ -133,7 +151,7 @@ hgt_forward.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("define_kernels::hgt_forward_saving", mutates_args=())
 def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: List[torch.Tensor],
                        config: str, scale: float, seed: Optional[torch.Tensor],
-                       backend: str) -> tuple[torch.Tensor, List[torch.Tensor]]:
+                       backend: str, sparse_grad: bool = False) -> tuple[torch.Tensor, List[torch.Tensor]]:
     chosen, inputs = _prepare(x, ids, params, config, scale, seed, backend, backends.SAVE)
     y, saved = chosen.forward_saving(*inputs)
     # Outputs may alias neither inputs nor each other (a layer without norm/act saves its output).
@@ -160,7 +178,7 @@ def _check_saved(saved, x, ids, cfg):
 
 
 @hgt_forward_saving.register_fake
-def _hgt_forward_saving_fake(x, ids, params, config, scale, seed, backend):
+def _hgt_forward_saving_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
     cfg = HGTConfig.from_key(config)
     check_op_inputs(x, ids, params, cfg)
     rows = _rows(x, ids)
@@ -176,12 +194,13 @@ def _hgt_backward_saved_fake(grad_y, x, ids, params, saved, config, scale, seed,
 
 
 def _setup_context_saving(ctx, inputs, output):
-    x, ids, params, config, scale, seed, backend = inputs
+    x, ids, params, config, scale, seed, backend, *sparse_grad = inputs
     _, saved = output
     ctx.mark_non_differentiable(*saved)
     ctx.num_params = len(params)
     ctx.save_for_backward(x, ids, seed, *params, *saved)
     ctx.config, ctx.scale, ctx.backend = config, scale, backend
+    _keep_sparse_grad(ctx, inputs, sparse_grad)
 
 
 def _backward_saving(ctx, grad_y, _grad_saved):
@@ -189,14 +208,14 @@ def _backward_saving(ctx, grad_y, _grad_saved):
     params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
     grad_rows, grad_params = hgt_backward_saved(grad_y, x, ids, params, saved, ctx.config,
                                                 ctx.scale, seed, ctx.backend)
-    return _table_grad(x, ids, grad_rows), None, list(grad_params), None, None, None, None
+    return _grads_per_input(ctx, _table_grad(x, ids, grad_rows, ctx.sparse_grad), grad_params)
 
 
 hgt_forward_saving.register_autograd(_backward_saving, setup_context=_setup_context_saving)
 
 
 # ----------------------------------------------------------------------------- autocast
-def _autocast_inputs(device_type, x, ids, params, seed):
+def _autocast_inputs(device_type, x, ids, params, seed, sparse_grad=False):
     """The op's inputs cast to the current autocast dtype (as torch.library.register_autocast
     casts, but following the autocast region's dtype instead of one fixed at registration)."""
     dtype = torch.get_autocast_dtype(device_type)
@@ -209,7 +228,7 @@ def _autocast_inputs(device_type, x, ids, params, seed):
     if ids is not None and seed is None and x.dtype != dtype:
         # Gather first so only the batch's rows are cast; with dropout the row keys must stay
         # the token ids, so the table is cast whole instead.
-        x, ids = F.embedding(ids, x), None
+        x, ids = F.embedding(ids, x, sparse=sparse_grad), None
     return x.to(dtype), ids, [p.to(dtype) if eligible(p) else p for p in params]
 
 
@@ -217,10 +236,12 @@ def _register_autocast(op, device_type):
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(_keyset, x, ids, params, config, scale, seed, backend):
+    def kernel(_keyset, x, ids, params, config, scale, seed, backend, sparse_grad=False):
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            x, ids, params = _autocast_inputs(device_type, x, ids, params, seed)
-            return op._opoverload(x, ids, params, config, scale, seed, backend)
+            cast_x, cast_ids, params = _autocast_inputs(device_type, x, ids, params, seed, sparse_grad)
+            # gathered before the op (cast_ids None): the sparse gradient comes from F.embedding
+            return op._opoverload(cast_x, cast_ids, params, config, scale, seed, backend,
+                                  sparse_grad and cast_ids is not None)
 
     op._lib.impl(op._name, kernel, key, with_keyset=True)
 
@@ -233,15 +254,18 @@ for _op in (hgt_forward, hgt_forward_saving):
 def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
         ids: Optional[torch.Tensor] = None, scale: float = 1.0,
         seed: Optional[torch.Tensor] = None, backend: str = "auto",
-        activations: str = "auto") -> torch.Tensor:
+        activations: str = "auto", sparse_grad: bool = False) -> torch.Tensor:
     """Functional form of the op taking an HGTConfig; see the module docstring."""
+    if sparse_grad and ids is None:
+        raise ValueError("sparse_grad needs ids (a table gathered by the op)")
     policy = backends.resolve_activation_policy(backends.check_activation_policy(activations),
                                                 x.device, x.dtype, backend)
     params = list(params)
     if policy == backends.SAVE and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)):
-        return hgt_forward_saving(x, ids, params, config.key, float(scale), seed, backend)[0]
-    return hgt_forward(x, ids, params, config.key, float(scale), seed, backend)
+        return hgt_forward_saving(x, ids, params, config.key, float(scale), seed, backend,
+                                  bool(sparse_grad))[0]
+    return hgt_forward(x, ids, params, config.key, float(scale), seed, backend, bool(sparse_grad))
 
 
 from .seed import draw_seed  # noqa: E402,F401  (kept here for callers of ops.draw_seed)

@@ -158,3 +158,35 @@ def test_config_is_frozen_hashable_and_round_trips_through_its_key():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.depth = 5
     assert "expand1: 16 -> 32, groups=4" in config.table()
+
+
+def test_in_proj_is_layer_zero_of_the_table():
+    """in_proj_from=n: layer 0 is the in-proj n -> in_dim (one group, kind "proj", the expand
+    layers' norm and act, its own dropout); the stack's layers follow it unchanged."""
+    plain = HGTConfig(16, 64, 24, 3, 4, reduce_norm=False, reduce_act=False, output_layer=True,
+                      dropout=0.1)
+    config = dataclasses.replace(plain, in_proj_from=10, in_proj_dropout=0.3)
+    assert tuple(config.layers[0]) == (10, 16, 1, "proj") and config.layers[1:] == plain.layers
+    assert (config.first_stack_layer, config.input_width, config.reduce_index) == (1, 10, 4)
+    assert (plain.first_stack_layer, plain.input_width, plain.reduce_index) == (0, 16, 3)
+    assert [config.layer_name(i) for i in range(6)] == ["in_proj", "expand1", "expand2", "expand3",
+                                                        "reduce", "output"]
+    assert [config.layer_has_norm(i) for i in range(6)] == [True, True, True, True, False, True]
+    assert [config.layer_act(i) for i in range(6)] == ["gelu"] * 4 + [None, "gelu"]
+    assert [config.layer_dropout(i) for i in range(6)] == [0.3] + [0.1] * 5
+    assert config.param_shapes() == ((1, 10, 16), (1, 16), (16,), (16,)) + plain.param_shapes()
+    assert config.macs_per_token == plain.macs_per_token + 10 * 16
+    assert config.num_parameters == plain.num_parameters + 10 * 16 + 3 * 16
+    assert "(0) in_proj: 10 -> 16, groups=1, proj, layernorm, gelu" in config.table()
+    assert HGTConfig.from_key(config.key) == config and config != plain
+    assert not dataclasses.replace(plain, dropout=0.0).has_dropout
+    assert dataclasses.replace(plain, dropout=0.0, in_proj_from=10, in_proj_dropout=0.2).has_dropout
+    assert not HGTConfig(16, 64, 24, 3, 4, in_proj_from=10, norm=None).layer_has_norm(0)
+
+
+def test_define_with_in_proj_counts_it_once():
+    model = DeFINE(100, 24, map_dim=10, expand_dim=64, depth=3, max_groups=4, in_proj_dim=16)
+    plain = HGTConfig(16, 64, 24, 3, 4)
+    assert model.config.in_proj_from == 10 and model.config.layers[1:] == plain.layers
+    assert model.macs_per_token == plain.macs_per_token + 10 * 16
+    assert model.parameter_counts()["transform"] == plain.num_parameters + 10 * 16 + 3 * 16

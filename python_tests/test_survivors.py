@@ -222,11 +222,27 @@ def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
 
 
 # ------------------------------------------------------------------------------ found by the fuzz
-@pytest.mark.xfail(strict=True, reason="library bug found by test_fuzz_module: on the unfused path "
-                   "(sparse=True) the stack's dropout masks are keyed by row index, not token id "
-                   "(define.py, DeFINE._embed: ops.hgt(x, ...) without ids), so dedup changes the masks")
-def test_dedup_is_exact_with_dropout_on_the_unfused_path():
-    assert_close(*_dedup_on_and_off_outputs(dropout=0.3, sparse=True), name="dedup on vs off")
+@pytest.mark.parametrize("options", [dict(), dict(in_proj_dim=16, in_proj_dropout=0.2)],
+                         ids=["plain", "in-proj"])
+def test_dedup_is_exact_with_dropout_and_sparse_gradients(options):
+    """Found with sparse=True on the unfused path (the op got gathered rows, masks keyed by row):
+    the fused op now gathers itself and returns the sparse table gradient (ops.hgt(sparse_grad=True))."""
+    models = [randomize_transform(small_define("torch", dedup=dedup, sparse=True, dropout=0.3, **options))
+              for dedup in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.tensor([[7, 2, 7, 30]])
+    results = []
+    for model in models:
+        torch.manual_seed(9)
+        y = model(ids)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        assert model.map_weight.grad.is_sparse
+        results.append((y.detach(), model.map_weight.grad.to_dense()))
+    (on, grad_on), (off, grad_off) = results
+    assert (on == 0).any()  # dropout is on
+    assert_close(on, off, name="dedup on vs off")
+    assert_close_scaled(grad_on, grad_off, name="sparse map gradient, dedup on vs off")
+    assert grad_on[[2, 7, 30]].abs().sum() > 0 and grad_on[0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("options", [dict(dropout=0.3), dict(in_proj_dropout=0.4),
