@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, ops, pretrained
+from . import checkpoint, ops, pretrained, reference
 from .checks import (check_ids_dtype, check_ids_in_range, check_known_options, check_positive_int,
                      check_same_device)
 from .config import LN_EPS, HGTConfig
 from .hgt import HGT
 from .inference_cache import InferenceCache
+from .seed import draw_seed
 
 # HGTConfig options DeFINE passes through **hgt_options (the rest it sets itself).
 _HGT_OPTIONS = tuple(f.name for f in dataclasses.fields(HGTConfig)
@@ -65,8 +66,9 @@ class DeFINE(nn.Module):
         backend: 'auto' (process default, see set_backend) or a registry name.
         in_proj_dropout: dropout after the in-proj's activation (training only), hashed like
             the stack's (seed, layer 0, token id, feature).
-        map_dropout_mode: "token" (default): map_dropout drops each position's features
-            independently; "sequence" (the authors' RecurrentDropout): ids [..., T] get one mask
+        map_dropout_mode: "token" (default): map_dropout drops each token's features, with a
+            mask hashed from (seed, token id, feature) (dedup stays exact while the stack has no
+            dropout: the stack then runs on the dropped rows, its masks keyed by row); "sequence" (the authors' RecurrentDropout): ids [..., T] get one mask
             over the map features per sequence (the last axis; 1-D ids are one sequence),
             shared by its positions. Masks then depend on the sequence, not the id alone, so
             dedup is skipped in training while it is on (exact, not faster).
@@ -249,8 +251,14 @@ class DeFINE(nn.Module):
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
+            # Token-mode map dropout, hashed by (seed, token id, feature): one row per id keeps
+            # its mask with or without dedup. The stack then runs on these rows (row-keyed).
             x = F.embedding(ids, self.map_weight, sparse=self.sparse) * self.scale
-            x = F.dropout(x, self.map_dropout, self.training)
+            # One draw per call: the stack's seed when it has one (its own layer key in the hash);
+            # two seedless custom-op calls could be merged or reordered by the compiler.
+            map_seed = seed if seed is not None else draw_seed()
+            keep = reference.map_dropout_keep_mask(map_seed, ids, self.map_dim, self.map_dropout)
+            x = x * keep.to(x.dtype) / (1.0 - self.map_dropout)
             y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend,
                         activations=self.hgt.activations)
         return self._zero_padding_output(ids, y)

@@ -51,6 +51,29 @@ def dropout_keep_mask(seed: int, layer: int, row_keys: torch.Tensor, width: int,
     return (h >> 8) >= dropout_threshold(p)
 
 
+# The map dropout's layer key in the hash (token mode, define.py): never a layer index.
+MAP_DROPOUT_LAYER = 0xFFFFFFFF
+
+
+def _fmix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def map_dropout_keep_mask(seed: torch.Tensor, ids: torch.Tensor, width: int, p: float) -> torch.Tensor:
+    """Keep-mask [len(ids), width] of token-mode map dropout: the hash of dropout_keep_mask with
+    layer MAP_DROPOUT_LAYER and row key the token id, so a token's mask does not depend on its
+    position (dedup stays exact). seed: a 0-d int64 tensor (traceable: no int(seed))."""
+    h = _fmix32((seed.to(device=ids.device, dtype=torch.int64) & _MASK32) ^ _fmix32_int(MAP_DROPOUT_LAYER))
+    h = _fmix32(h ^ (ids.to(torch.int64) & _MASK32))
+    features = torch.arange(width, device=ids.device, dtype=torch.int64)
+    h = _fmix32(h[:, None] ^ features[None, :])
+    return (h >> 8) >= dropout_threshold(p)
+
+
 def mix_input(x: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:
     """Split-and-mix skip (docs/math.md §2): per group j, chunk j of x followed by chunk j of h."""
     rows = x.shape[0]

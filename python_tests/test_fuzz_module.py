@@ -73,12 +73,10 @@ def train_step(model, case):
 
 
 def dedup_is_exact(model) -> bool:
-    """Known gaps (xfail-strict tests in test_survivors.py): map_dropout draws per position, and
-    the unfused path (sparse, map_dropout) keys the op's dropout masks (in-proj included) by row,
-    not id. The in-proj itself runs inside the fused op: exact."""
-    if model.map_dropout > 0:
-        return False
-    return not (model.sparse and model.config.has_dropout)
+    """Known gap (xfail-strict test in test_survivors.py): with map_dropout in training the op
+    runs on the dropped rows and keys its own dropout masks (in-proj included) by row, not id.
+    Map dropout itself (hashed by token id), sparse and the in-proj are exact."""
+    return not (model.map_dropout > 0 and model.config.has_dropout)
 
 
 def check_module(case, backend):

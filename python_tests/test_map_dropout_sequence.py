@@ -1,6 +1,7 @@
-"""Per-sequence map dropout (`map_dropout_mode="sequence"`, the authors' RecurrentDropout): one
+"""Map dropout. Per sequence (`map_dropout_mode="sequence"`, the authors' RecurrentDropout): one
 mask over the map features per sequence (the ids' last axis), shared by its positions, drawn in
-training only; dedup is skipped while it is on (exact); torch.compile(fullgraph=True) traces it.
+training only; dedup is skipped while it is on (exact). Per token (the default): a mask hashed by
+(seed, token id, feature). torch.compile(fullgraph=True) traces both.
 """
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_one_mask_per_sequence_shared_along_it(monkeypatch, shape):
         assert any(not torch.equal(flat[0], row) for row in flat[1:]), "sequences share one mask"
 
 
-def test_token_mode_draws_per_position(monkeypatch):
+def test_token_mode_masks_differ_between_positions_of_other_ids(monkeypatch):
     model = _model(map_dropout_mode="token", dedup=False).train()
     masks = _masks(model, torch.randint(0, 60, (4, 9)), monkeypatch)
     assert not torch.allclose(masks, masks[:, :1].expand_as(masks))
@@ -101,21 +102,25 @@ def test_authors_layout_uses_sequence_mode():
 
 
 class _TinyLM(nn.Module):
-    def __init__(self):
+    def __init__(self, mode):
         super().__init__()
-        self.embed = _model(in_proj_dim=8, map_dropout=0.4, dropout=0.1)
+        # dedup off: compiled runs skip it, and with map and stack dropout it is not exact
+        self.embed = _model(in_proj_dim=8, map_dropout=0.4, dropout=0.1, map_dropout_mode=mode,
+                            dedup=False)
         self.head = nn.Linear(12, 60)
 
     def forward(self, ids):
         return self.head(torch.tanh(self.embed(ids)))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_compile_fullgraph_matches_eager(mode):
+    """Both modes trace whole (token mode: the hashed mask from an opaque seed op)."""
     torch._dynamo.reset()
-    model = _TinyLM().train()
+    model = _TinyLM(mode).train()
     ids = torch.randint(0, 60, (3, 6))
     results = []
-    with torch._inductor.config.patch(fallback_random=True):  # bernoulli_ on torch's generator
+    with torch._inductor.config.patch(fallback_random=True):  # sequence: bernoulli_ on torch's generator
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
         for net in (model, compiled):
             model.zero_grad(set_to_none=True)
@@ -128,3 +133,18 @@ def test_compile_fullgraph_matches_eager():
     assert_close(out, eager, name="logits")
     for (name, _), got, want in zip(model.named_parameters(), grads, eager_grads):
         assert_close(got, want, name=f"grad {name}")
+
+
+def test_token_mode_mask_depends_on_the_id_only(monkeypatch):
+    """Token mode: the same id gets the same mask wherever it occurs (hashed by token id), other
+    ids other masks, and one seed gives one set of masks."""
+    model = _model(map_dropout_mode="token", dedup=False).train()
+    ids = torch.tensor([[5, 9, 5, 9, 5], [9, 5, 11, 12, 13]])
+    torch.manual_seed(1)
+    masks = _masks(model, ids, monkeypatch)
+    for token in (5, 9):
+        where = masks[ids == token]
+        assert torch.equal(where, where[:1].expand_as(where)), f"id {token}: masks differ by position"
+    assert not torch.equal(masks[0, 0], masks[0, 1])
+    torch.manual_seed(1)
+    assert torch.equal(_masks(model, ids, monkeypatch), masks)
