@@ -45,8 +45,13 @@ def dropout_keep_mask(seed: int, layer: int, row_keys: torch.Tensor, width: int,
     """
     device = row_keys.device
     h = _fmix32(torch.tensor((seed & _MASK32) ^ int(_fmix32(torch.tensor(layer))), device=device))
+    return _keep_from_layer_hash(h, row_keys, width, p)
+
+
+def _keep_from_layer_hash(h: torch.Tensor, row_keys: torch.Tensor, width: int, p: float) -> torch.Tensor:
+    """The row and feature steps of the hash, from the per-layer part h (0-d int64)."""
     h = _fmix32(h ^ (row_keys.to(torch.int64) & _MASK32))
-    features = torch.arange(width, device=device, dtype=torch.int64)
+    features = torch.arange(width, device=row_keys.device, dtype=torch.int64)
     h = _fmix32(h[:, None] ^ features[None, :])
     return (h >> 8) >= dropout_threshold(p)
 
@@ -68,10 +73,7 @@ def map_dropout_keep_mask(seed: torch.Tensor, ids: torch.Tensor, width: int, p: 
     layer MAP_DROPOUT_LAYER and row key the token id, so a token's mask does not depend on its
     position (dedup stays exact). seed: a 0-d int64 tensor (traceable: no int(seed))."""
     h = _fmix32((seed.to(device=ids.device, dtype=torch.int64) & _MASK32) ^ _fmix32_int(MAP_DROPOUT_LAYER))
-    h = _fmix32(h ^ (ids.to(torch.int64) & _MASK32))
-    features = torch.arange(width, device=ids.device, dtype=torch.int64)
-    h = _fmix32(h[:, None] ^ features[None, :])
-    return (h >> 8) >= dropout_threshold(p)
+    return _keep_from_layer_hash(h, ids, width, p)
 
 
 def mix_input(x: torch.Tensor, h: torch.Tensor, groups: int) -> torch.Tensor:

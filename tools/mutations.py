@@ -29,11 +29,12 @@ MUTATIONS = [
     Mutation("eval cache keyed on the map table only", "define_kernels/define.py",
              "self.cache.lookup(flat, self._parameter_list(),", "self.cache.lookup(flat, [self.map_weight],",
              CACHE_TESTS),
+    # Re-targeted when map dropout became hashed and sparse=True moved onto the fused op.
     Mutation("map_dropout applied in eval", "define_kernels/define.py",
-             "F.dropout(x, self.map_dropout, self.training)", "F.dropout(x, self.map_dropout, True)",
+             "if not (self.training and self.map_dropout > 0):", "if not self.map_dropout > 0:",
              MODULE_TESTS),
     Mutation("sparse path missing the map scale", "define_kernels/define.py",
-             "sparse=self.sparse) * self.scale", "sparse=self.sparse) * (1.0 if self.sparse else self.scale)",
+             "ids=ids, scale=self.scale,", "ids=ids, scale=1.0 if self.sparse else self.scale,",
              MODULE_TESTS),
     # Re-targeted after the CPU rewrite: per-block partial sums added in block order
     # (csrc/cpu/hgt_epilogue.h) replace the per-thread chunks of the old hgt_cpu.cpp.
@@ -71,7 +72,7 @@ MUTATIONS = [
              "return tuple((p.data_ptr(), p._version) for p in params)",
              "return tuple((p.data_ptr(),) for p in params)", CACHE_TESTS),
     Mutation("C++ dropout keep scale 1/p instead of 1/(1-p)", "csrc/cpu/hgt_layers.cpp",
-             "plan.keep_scale = 1.0 / (1.0 - dropout);", "plan.keep_scale = 1.0 / dropout;",
+             "1.0 / (1.0 - d.dropout)});", "1.0 / d.dropout});",
              ("python_tests/test_fuzz.py", "-k", "torch_and")),
     # ---------------------------------------------------------------- newer code
     Mutation("cache parameter walk stops at direct children (misses the HGT layers)", "define_kernels/define.py",
@@ -82,16 +83,18 @@ MUTATIONS = [
              "        return not any(p.requires_grad for p in self.parameters())", "        return True",
              CACHE_TESTS),
     Mutation("output layer skips its activation (config)", "define_kernels/config.py",
-             "return self.act if index != self.depth or self.reduce_act else None",
-             "return self.act if index < self.depth or (index == self.depth and self.reduce_act) else None",
+             "return self.act if index != self.reduce_index or self.reduce_act else None",
+             "return self.act if index < self.reduce_index or (index == self.reduce_index and self.reduce_act) "
+             "else None",
              DELIGHT_TESTS),
     Mutation("output layer skips its norm (config)", "define_kernels/config.py",
-             "return self.norm is not None and (index != self.depth or self.reduce_norm)",
-             "return self.norm is not None and (index < self.depth or (index == self.depth and self.reduce_norm))",
+             "return self.norm is not None and (index != self.reduce_index or self.reduce_norm)",
+             "return self.norm is not None and (index < self.reduce_index or "
+             "(index == self.reduce_index and self.reduce_norm))",
              DELIGHT_TESTS),
     Mutation("output layer skips its activation in the reference stack", "define_kernels/reference.py",
              "z = activation(z, config.layer_act(index)).reshape(rows, layer.out_features)",
-             "z = activation(z, config.layer_act(index) if index <= config.depth else None)"
+             "z = activation(z, config.layer_act(index) if index <= config.reduce_index else None)"
              ".reshape(rows, layer.out_features)", DELIGHT_TESTS),
     Mutation("C++ backward reads the input buffer saved one layer earlier", "csrc/cpu/hgt_cpu.cpp",
              "l > 0 ? saved[2 * l - 1].to(in.compute)", "l > 1 ? saved[2 * l - 3].to(in.compute)",
