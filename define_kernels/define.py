@@ -68,10 +68,11 @@ class DeFINE(nn.Module):
             the stack's (seed, layer 0, token id, feature).
         map_dropout_mode: "token" (default): map_dropout drops each token's features, with a
             mask hashed from (seed, token id, feature) (dedup stays exact while the stack has no
-            dropout: the stack then runs on the dropped rows, its masks keyed by row); "sequence" (the authors' RecurrentDropout): ids [..., T] get one mask
-            over the map features per sequence (the last axis; 1-D ids are one sequence),
-            shared by its positions. Masks then depend on the sequence, not the id alone, so
-            dedup is skipped in training while it is on (exact, not faster).
+            dropout: the stack then runs on the dropped rows, its masks keyed by row).
+            "sequence" (the authors' RecurrentDropout): ids [..., T] get one mask over the map
+            features per sequence (the last axis; 1-D ids are one sequence), shared by its
+            positions. Masks then depend on the sequence, not the id alone, so dedup is
+            skipped in training while it is on (exact, not faster).
         init: "spec" or "xavier_3d" (the authors' init: Xavier over each whole 3-D GLT weight,
             Xavier weight and zero bias for the in-proj); see hgt.INITS.
         zero_padding_output: False keeps the stack's output at padding_idx (the authors' code).

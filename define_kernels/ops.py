@@ -11,8 +11,8 @@
 x is a dense input [T, p] (ids None) or a map table [V, p] gathered by 1-D ids [T]; the stack input
 is those rows times `scale` (with an in-proj, x is [T, n] or [V, n]: its layer 0 reads them).
 `sparse_grad` (ids given): the table's gradient is a sparse COO tensor over the gathered rows, as
-nn.Embedding(sparse=True) gives (for torch.optim.SparseAdam). `config` is `HGTConfig.key`; `seed` is a 0-d int64 CPU tensor in
-training with dropout, else None; `backend` is a registry name or 'auto'. Backward returns the
+nn.Embedding(sparse=True) gives (for torch.optim.SparseAdam). `config` is `HGTConfig.key`;
+`seed` is a 0-d int64 CPU tensor in training with dropout, else None; `backend` is a registry name or 'auto'. Backward returns the
 gradient per gathered row; the autograd rule scatters it into the table, so the op never
 allocates a table-sized buffer itself.
 
