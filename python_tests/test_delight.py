@@ -27,10 +27,10 @@ CONFIGS = {
 }
 
 
-def _module(name, backend="torch", dtype=torch.float64, prefix="", padding_idx=0):
+def _module(name, backend="torch", dtype=torch.float64, prefix="", padding_idx=0, **options):
     vocab, n, m, k, depth, max_groups, norm, act = CONFIGS[name]
     sd = random_their_state_dict(vocab, n, m, k, depth, max_groups, norm, prefix, dtype, padding_idx)
-    module = from_delight(sd, prefix, act=act, padding_idx=padding_idx, backend=backend)
+    module = from_delight(sd, prefix, act=act, padding_idx=padding_idx, backend=backend, **options)
     return sd, module, act
 
 
@@ -107,16 +107,18 @@ def _their_weight(weight):
     return weight[0].t() if weight.shape[0] == 1 else weight
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("cpu_cpp", torch.float64),
-                                            ("cpu_cpp", torch.float32), ("triton", torch.float32)])
-def test_output_layer_gradients_match_their_formulation(backend, dtype):
-    check_gradients("wrap4", backend, dtype, "cpu")
+@pytest.mark.parametrize("backend, dtype, activations", [
+    ("torch", torch.float64, "save"), ("torch", torch.float64, "recompute"),
+    ("cpu_cpp", torch.float64, "save"), ("cpu_cpp", torch.float64, "recompute"),
+    ("cpu_cpp", torch.float32, "auto"), ("triton", torch.float32, "auto")])
+def test_output_layer_gradients_match_their_formulation(backend, dtype, activations):
+    check_gradients("wrap4", backend, dtype, "cpu", activations)
 
 
-def check_gradients(name, backend, dtype, device):
+def check_gradients(name, backend, dtype, device, activations="auto"):
     """Output y and the gradients of the output, reduce, expand, in-proj and map parameters
     against autograd through their formulation in float64."""
-    sd, module, act = _module(name, backend, dtype=dtype)
+    sd, module, act = _module(name, backend, dtype=dtype, activations=activations)
     module = module.to(device)
     _skip_unusable(backend, module, dtype, device)
     ids = _ids_with_padding(CONFIGS[name][0], (2, 5))
