@@ -10,7 +10,7 @@ from define_kernels import HGT, DeFINE, HGTConfig, backends, checkpoint, ops
 from define_kernels.backends import cpp_ext
 
 from conftest import usable_backend
-from tolerances import assert_close, assert_close_scaled
+from tolerances import assert_close, assert_close_scaled, assert_low_precision_close
 
 # (name, HGTConfig options): mix skip, concat skip + output layer + shuffle, no norm, no skip.
 CONFIGS = [
@@ -198,3 +198,19 @@ def test_op_input_width_is_the_map_width():
     _, _, params = _inputs(config, True)
     with pytest.raises(ValueError, match="in_proj_from"):
         ops.hgt(torch.randn(4, config.in_dim, dtype=torch.float64), params, config)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu_cpp"])
+def test_fp16_in_proj_within_twice_the_reference_error(backend):
+    """fp16 (Triton's interpreter, cpu_cpp in fp32): at most twice as far from float64 as the
+    reference run in fp16, forward and gradients, dropout on."""
+    config = HGTConfig(**CONFIGS[1][1], dropout=0.2, in_proj_dropout=0.3)
+    x, ids, params = _inputs(config, True)
+    usable_backend(backend, backends.OpInputs(x.half(), ids, [], config, 1.3, SEED))
+    exact_y, exact_grads = _run("torch", config, x, ids, params, torch.float64, SEED, "recompute")
+    low_y, low_grads = _run("torch", config, x, ids, params, torch.float16, SEED, "recompute")
+    y, grads = _run(backend, config, x, ids, params, torch.float16, SEED, "recompute")
+    for name, got, exact, low in zip(["y", "grad_x"] + [f"grad_params[{i}]" for i in range(len(params))],
+                                     [y, *grads], [exact_y, *exact_grads], [low_y, *low_grads]):
+        norm = exact.abs().max().clamp_min(1.0)
+        assert_low_precision_close(got / norm, exact / norm, low / norm, name=f"{backend} {name}")
