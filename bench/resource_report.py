@@ -218,7 +218,8 @@ def triton_rows(workloads: Iterable[str], dtypes: Iterable[str], all_configs_for
             precision = "ieee" if dtype == "float32" else "tf32"
             types = dict(x_ptr=tp, ids_ptr="*i64", params_ptr=tp, z_ptr="*fp32", h_ptr=tp, y_ptr=tp,
                          bases_ptr="*i64", T="i32", stride_x="i32", stride_z="i32", stride_h="i32",
-                         scale="fp32", threshold="i32", drop_scale="fp32")
+                         scale="fp32", threshold="i32", drop_scale="fp32", proj_threshold="i32",
+                         proj_drop_scale="fp32")
             if dtype in all_configs_for:
                 tiles = [(dict(c.kwargs), c.num_warps, c.num_stages)
                          for c in triton_hgt.forward_configs(getattr(torch, dtype))]
