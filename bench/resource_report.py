@@ -163,34 +163,45 @@ def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
 
 
 def triton_rows_parallel(workloads: List[str], dtypes, all_configs_for, backward_for, jobs: int,
-                         all_configs_workloads: Optional[List[str]] = None) -> List[Row]:
-    """triton_rows over the workloads with distinct stacks, `jobs` processes at a time; a workload
-    whose HGTConfig equals an earlier one (wt2-small = wt103-base) reuses its rows, with its own
-    token count in the scratch column. all_configs_workloads (None: all) limits the every-config
-    forward to those workloads; the others compile the pinned tile (CI: cheap coverage of their
-    layer shapes)."""
+                         all_configs_workloads: Optional[List[str]] = None,
+                         backward_everywhere_for: Optional[Iterable[str]] = None) -> List[Row]:
+    """triton_rows over the workloads with distinct stacks, one (workload, dtype) per task, `jobs`
+    processes at a time; a workload whose HGTConfig equals an earlier one (wt2-small =
+    wt103-base) reuses its rows, with its own token count in the scratch column.
+    all_configs_workloads (None: all) are the workloads that get the full treatment: every forward
+    autotune config of the dtypes in all_configs_for and the backward of every dtype in
+    backward_for. The others compile the pinned forward tile and the backward only of the dtypes
+    also in backward_everywhere_for (None: all of backward_for) -- CI: every dtype's kernels at
+    wt103-base, the other workloads' layer shapes in bf16 (the 16-bit backward kernels of fp16 and
+    bf16 are the same tiles), within its time budget."""
     from concurrent.futures import ProcessPoolExecutor
     by_config: Dict[object, List[str]] = {}
     for name in workloads:
         by_config.setdefault(WORKLOADS[name].config(), []).append(name)
-    firsts = [names[0] for names in by_config.values()]
-    def every_config_dtypes(names):
-        wanted = all_configs_workloads is None or any(n in all_configs_workloads for n in names)
-        return list(all_configs_for) if wanted else []
-    args = [([names[0]], list(dtypes), every_config_dtypes(names), list(backward_for))
-            for names in by_config.values()]
-    if jobs > 1 and len(firsts) > 1:
+    everywhere = set(backward_for if backward_everywhere_for is None else backward_everywhere_for)
+    args, owners = [], []
+    for names in by_config.values():
+        full = all_configs_workloads is None or any(n in all_configs_workloads for n in names)
+        for dtype in dtypes:
+            backward = dtype in backward_for and (full or dtype in everywhere)
+            args.append(([names[0]], [dtype], [dtype] if full and dtype in all_configs_for else [],
+                         [dtype] if backward else []))
+            owners.append(names)
+    if jobs > 1 and len(args) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             computed = list(pool.map(_triton_rows_star, args))
     else:
         computed = [_triton_rows_star(a) for a in args]
     rows = []
-    for names, first_rows in zip(by_config.values(), computed):
+    for names in by_config.values():  # workload-major order, as before the per-dtype split
         for name in names:
-            for row in first_rows:
-                scratch = row.scratch_bytes and triton_forward_scratch(
-                    WORKLOADS[name].config(), row.dtype, WORKLOADS[name].tokens_per_batch)
-                rows.append(dataclasses.replace(row, workload=name, scratch_bytes=scratch))
+            for owner, first_rows in zip(owners, computed):
+                if owner is not names:
+                    continue
+                for row in first_rows:
+                    scratch = row.scratch_bytes and triton_forward_scratch(
+                        WORKLOADS[name].config(), row.dtype, WORKLOADS[name].tokens_per_batch)
+                    rows.append(dataclasses.replace(row, workload=name, scratch_bytes=scratch))
     return rows
 
 
@@ -475,6 +486,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--backward-for", default="bfloat16,float16,float32",
                         help="dtypes whose Triton backward kernels are compiled ('' for none)")
+    parser.add_argument("--backward-everywhere-for", default=None,
+                        help="of --backward-for, the dtypes whose backward is also compiled at the "
+                             "workloads outside --all-configs-workloads (default: all of them)")
     parser.add_argument("--out", default=os.environ.get("DEFINE_RESULTS_DIR", str(Path(__file__).parent / "results")))
     parser.add_argument("--stem", default=None, help="file name stem (default resource_<date>_<commit>)")
     parser.add_argument("--gate", action="store_true", help="exit 1 when the gate fails")
@@ -495,8 +509,10 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if backend == "triton":
             every = [w for w in args.all_configs_workloads.split(",") if w] or None
+            everywhere = None if args.backward_everywhere_for is None else [
+                d for d in args.backward_everywhere_for.split(",") if d]
             rows += triton_rows_parallel(workloads, dtypes, args.all_configs_for.split(","),
-                                         args.backward_for.split(","), args.jobs, every)
+                                         args.backward_for.split(","), args.jobs, every, everywhere)
         elif backend == "cuda":
             rows += cuda_rows(workloads, dtypes, args.jobs, [a for a in args.cuda_archs.split(",") if a])
         else:

@@ -206,14 +206,14 @@ def _can_compile_for_sm90():
 
 @pytest.fixture(scope="module")
 def report_rows(tmp_path_factory):
-    """The CSV named by DEFINE_RESOURCE_REPORT, else a fresh report of wt103-base, bf16."""
+    """The CSV named by DEFINE_RESOURCE_REPORT, else a fresh report of wt103-base, every dtype."""
     path = os.environ.get(ENV_REPORT)
     if not path:
         reason = _can_compile_for_sm90()
         if reason:
             pytest.skip(reason)
         out = tmp_path_factory.mktemp("resource")
-        resource_report.main(["--workloads", "wt103-base", "--dtypes", "bfloat16", "--out", str(out),
+        resource_report.main(["--workloads", "wt103-base", "--out", str(out),
                               "--stem", "resource"])
         path = out / "resource.csv"
     with open(path, newline="") as handle:
@@ -246,3 +246,19 @@ def test_gate_forward_scratch_within_l2_budget(report_rows):
     bad = _failures(report_rows, lambda r: f"{int(r['scratch_bytes']) / 2**20:.1f} MiB" if (
         r.get("l2_resident") == "True" and int(r["scratch_bytes"]) > budget) else "")
     assert not bad, f"L2 budget {budget / 2**20:.0f} MiB:\n" + "\n".join(bad)
+
+
+def test_gate_covers_every_dtype(report_rows):
+    """The gate is only as good as what it compiled: every dtype of every Triton kernel (forward,
+    and each backward kernel) and of the CUDA forward / backward GEMMs must be in the report."""
+    wanted = set(resource_report.DTYPES)
+    kernels = {"triton": ("hgt_forward", "epilogue_backward", "weight_grad", "input_grad"),
+               "cuda": ("hgt_forward_kernel", "hgt_wgrad_kernel", "hgt_dgrad_kernel")}
+    missing = []
+    for backend, names in kernels.items():
+        for name in names:
+            have = {r["dtype"] for r in report_rows
+                    if r["backend"] == backend and r["kernel"].split(" L")[0] == name}
+            if wanted - have:
+                missing.append(f"{backend} {name}: no {sorted(wanted - have)}")
+    assert not missing, "\n".join(missing)

@@ -119,14 +119,15 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 # multiple of 4, one warpgroup per 64 rows; BLOCK_T=32 fell back to mma.sync). Left out because
 # they spilled: 64 x 64 x 64 (bf16 ptb-lstm 16 B, wt103-wide 24 B; fp16 wt103-wide 8 B), every
 # other fp16 tile but 64 x 32 x 32 (24-368 B), 128-row tiles and 64 x 128 output tiles
-# (1-1.4 KB). fp32 (FMA, no wgmma to keep) spills in every tile tried, 64-row ones 8-664 B;
-# 32 x 32 x 32 at 8 warps spills least (0-8 B) and is used until the fp32 forward's register
-# pressure is cut (a known gate failure of the full report). Few candidates on purpose: every one
-# compiles the whole unrolled stack.
+# (1-1.4 KB). fp32 (FMA dots, no wgmma to keep): the 3-stage operand pipeline is what fills the
+# registers. 32 x 32 x 32 at 8 warps spilled 8 B (ptb-lstm, wt103-deep), at 4 warps 24 B; 64-row
+# tiles spilled 8-112 B at every warp/stage count tried. 16 warps (512 threads: at most 128
+# registers each) give 86-106 with 3 stages; 32 x 32 x 16 at 8 warps (the pinned one) 171-176.
+# Few candidates on purpose: every one compiles the whole unrolled stack.
 FORWARD_TILES = {
     torch.bfloat16: [(64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)],
     torch.float16: [(64, 32, 32, 8, 3)],
-    torch.float32: [(32, 32, 32, 8, 3)],
+    torch.float32: [(32, 32, 32, 16, 3), (32, 32, 16, 8, 3)],
 }
 
 
