@@ -44,9 +44,10 @@ torch.use_deterministic_algorithms; there the forward also skips autotuning (a t
 tile choice could change the K order of the dots between processes) and uses deterministic_tiles(dtype). grad_rows is per gathered row (op contract);
 the op's autograd rule scatters it into the table.
 
-Every launch goes through a `wrap` hook (identity here): triton_library.py passes
-torch.library.wrap_triton, so the same launch code runs as `triton_op`s that torch.compile can
-see into.
+Every launch goes through a `wrap` hook: triton_library.py passes torch.library.wrap_triton and
+the registry's forward / backward below call those `triton_op`s, so the public op (eager, behind
+its opaque custom op) and a torch.compile'd graph (ops.hgt routes to the triton_op while tracing,
+see triton_library.py) run the same launches, and Inductor sees the kernels.
 
 Availability: CUDA tensors, priority 10 (ahead of C++ CUDA). With TRITON_INTERPRET=1 (tests,
 debugging) also CPU tensors, with one pinned tile config, no autotune, no bf16, and priority
@@ -206,8 +207,10 @@ def _no_wrap(kernel):
 
 
 def _pack(params, wrap) -> torch.Tensor:
-    """The flat parameter buffer: cached on the registry path; a plain cat when traced."""
-    if wrap is _no_wrap:
+    """The flat parameter buffer: cached for real tensors (eager, the triton_ops included); a
+    plain cat while traced (fake tensors have no address or version to key a cache on)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if not any(is_fake(p) for p in params) and not torch.compiler.is_compiling():
         return _packed.get(params)
     return torch.cat([p.reshape(-1) for p in params])
 
@@ -247,15 +250,27 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: boo
     return y, z, h, layout
 
 
+def _seed_tensor(seed) -> Optional[torch.Tensor]:
+    return None if seed is None else torch.tensor(seed, dtype=torch.int64)
+
+
 def triton_forward(x, ids, params, config, scale=1.0, seed=None):
+    """The registry's forward: the triton_op (triton_library.py) called eagerly, so the public op
+    and a torch.compile'd graph (ops.hgt routes there while tracing) run the same launches."""
+    from . import triton_library
     with torch.no_grad():
-        return run_forward(x, ids, list(params), config, scale, seed, save=False)[0]
+        return triton_library.triton_hgt_forward(x, ids, list(params), config.key, float(scale),
+                                                 _seed_tensor(seed))
 
 
 def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
-    """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer."""
-    with torch.no_grad(), _on_device(x.device):
-        return _run_backward(grad_y, x, ids, params, config, scale, seed)
+    """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer; the
+    triton_op's backward, called eagerly."""
+    from . import triton_library
+    with torch.no_grad():
+        grad_rows, grad_params = triton_library.triton_hgt_backward(
+            grad_y, x, ids, [p.detach() for p in params], config.key, float(scale), _seed_tensor(seed))
+    return grad_rows, list(grad_params)
 
 
 def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):
