@@ -11,7 +11,8 @@ bench/results/resource_<date>_<commit>.{csv,md} (or --out DIR).
 Needs a CUDA build of torch with triton (compiling for a GPUTarget needs no GPU) and, for the
 CUDA rows, nvcc (found as the JIT build finds it) plus the cuobjdump/nvdisasm triton ships.
 The gate (python_tests/test_cuda_compile.py, `--gate` here) fails on any spill, on a bf16/fp16
-Triton GEMM config that does not use wgmma on sm_90, and on scratch above L2_BUDGET_BYTES in the
+Triton GEMM config that does not use wgmma on sm_90, on a bf16/fp16 CUDA GEMM kernel without
+cp.async operand staging (no LDGSTS in its SASS), and on scratch above L2_BUDGET_BYTES in the
 kernels that claim it stays L2-resident (column l2_resident: the CUDA forward's global-scratch
 mode, whose grid is capped to the budget and walks the tiles in waves). The Triton forward's
 scratch (z and h for all T rows) makes no such claim: it is reported, not gated.
@@ -59,7 +60,7 @@ L2_BUDGET_BYTES = int(L2_BYTES * L2_BUDGET_FRACTION)
 DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 FIELDS = ["backend", "kernel", "workload", "dtype", "config", "threads", "registers", "spill_bytes",
           "smem_bytes", "blocks_per_sm", "occupancy", "tensor_core", "is_gemm", "scratch_bytes",
-          "l2_resident", "compile_s"]
+          "l2_resident", "async_copy", "compile_s"]
 
 
 @dataclasses.dataclass
@@ -79,6 +80,7 @@ class Row:
     is_gemm: bool = False
     scratch_bytes: int = 0
     l2_resident: bool = False  # the kernel claims its scratch stays in L2: gated on L2_BUDGET_BYTES
+    async_copy: bool = False   # global -> shared copies without registers (SASS LDGSTS / PTX cp.async)
     compile_s: float = 0.0
 
     def __post_init__(self):
@@ -152,7 +154,8 @@ def _triton_row(compiled, kernel_name, workload, dtype, config, num_warps, is_ge
     return Row("triton", kernel_name, workload, dtype, config, 32 * num_warps, resources["registers"],
                resources["spill_bytes"], int(compiled.metadata.shared) + resources["static_smem"],
                tensor_core=tensor_core_kind(compiled.asm["ptx"]), is_gemm=is_gemm,
-               scratch_bytes=scratch, compile_s=round(seconds, 2))
+               scratch_bytes=scratch, async_copy="cp.async" in compiled.asm["ptx"],
+               compile_s=round(seconds, 2))
 
 
 def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
@@ -406,6 +409,7 @@ def _cuda_cubin_rows(cubin: Path, source: str, arch: str, workloads, dtypes, sec
             rows.append(Row("cuda", kernel, name, dtype, label, 256, res["registers"], res["spill_bytes"],
                             smem, tensor_core=tensor_core_kind(per_function.get(mangled, "")),
                             is_gemm=kernel in _CUDA_GEMMS, scratch_bytes=scratch, l2_resident=scratch > 0,
+                            async_copy="LDGSTS" in per_function.get(mangled, ""),
                             compile_s=round(seconds, 2)))
     return rows
 
@@ -420,6 +424,9 @@ def gate_failures(rows: List[Row]) -> List[str]:
             failures.append(f"{where}: spills {row.spill_bytes} bytes")
         if row.backend == "triton" and row.is_gemm and row.dtype != "float32" and row.tensor_core != "wgmma":
             failures.append(f"{where}: GEMM uses {row.tensor_core}, not wgmma, on sm_90")
+        if (row.backend == "cuda" and row.is_gemm and row.dtype in ("bfloat16", "float16")
+                and not row.async_copy):
+            failures.append(f"{where}: GEMM operands not staged with cp.async (no LDGSTS)")
         if row.l2_resident and row.scratch_bytes > L2_BUDGET_BYTES:
             failures.append(f"{where}: L2-resident scratch {row.scratch_bytes / 2**20:.1f} MiB > L2 budget "
                             f"{L2_BUDGET_BYTES / 2**20:.1f} MiB")
@@ -439,11 +446,12 @@ def write(rows: List[Row], out_dir: Path, stem: str) -> List[Path]:
              f"({L2_BUDGET_FRACTION} x {L2_BYTES / 2**20:.0f} MiB = {L2_BUDGET_BYTES / 2**20:.1f} MiB) only where "
              f"the kernel claims L2 residency (L2 = yes).", "",
              "| backend | kernel | workload | dtype | config | regs | spill B | smem KB | CTAs/SM | occupancy "
-             "| tensor cores | scratch MiB | L2 |", "|" + "---|" * 13]
+             "| tensor cores | cp.async | scratch MiB | L2 |", "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r.backend} | {r.kernel} | {r.workload} | {r.dtype} | {r.config} | {r.registers} | "
                      f"{r.spill_bytes} | {r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.occupancy:.0%} | "
-                     f"{r.tensor_core} | {r.scratch_bytes / 2**20:.1f} | {'yes' if r.l2_resident else '-'} |")
+                     f"{r.tensor_core} | {'yes' if r.async_copy else '-'} | {r.scratch_bytes / 2**20:.1f} | "
+                     f"{'yes' if r.l2_resident else '-'} |")
     failures = gate_failures(rows)
     lines += ["", f"Gate: {'PASS' if not failures else f'{len(failures)} failure(s)'}"]
     lines += [f"- {failure}" for failure in failures]
@@ -463,12 +471,12 @@ def summary_table(rows: List[dict], workload: str = "wt103-base", dtype: str = "
         if key not in picked or rank > (int(picked[key]["spill_bytes"]), int(picked[key]["registers"])):
             picked[key] = row
     lines = ["| backend | kernel | config | regs | spill B | smem KB | CTAs/SM | occupancy | tensor cores "
-             "| fwd scratch MiB | L2-resident (gated) |", "|" + "---|" * 11]
+             "| cp.async | fwd scratch MiB | L2-resident (gated) |", "|" + "---|" * 12]
     for (backend, kernel, config), r in picked.items():
         lines.append(f"| {backend} | {kernel}{' (worst layer)' if ' L' in r['kernel'] else ''} | {config} | "
                      f"{r['registers']} | {r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | "
                      f"{r['blocks_per_sm']} | {float(r['occupancy']):.0%} | {r['tensor_core']} | "
-                     f"{int(r['scratch_bytes']) / 2**20:.1f} | {'yes' if r.get('l2_resident') == 'True' else '-'} |")
+                     f"{'yes' if r.get('async_copy') == 'True' else '-'} | {int(r['scratch_bytes']) / 2**20:.1f} | {'yes' if r.get('l2_resident') == 'True' else '-'} |")
     return "\n".join(lines)
 
 

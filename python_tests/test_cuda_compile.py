@@ -162,9 +162,15 @@ def test_resource_rules_on_synthetic_rows():
                             scratch_bytes=resource_report.L2_BUDGET_BYTES + 1),
         # scratch that claims no L2 residency (the Triton forward's) is reported, not gated
         resource_report.Row(**row, tensor_core="wgmma", is_gemm=True,
-                            scratch_bytes=resource_report.L2_BUDGET_BYTES + 1)])
-    assert len(failures) == 3
+                            scratch_bytes=resource_report.L2_BUDGET_BYTES + 1),
+        # a 16-bit CUDA GEMM must stage its operands with cp.async; fp32 need not
+        resource_report.Row(**dict(row, backend="cuda"), tensor_core="mma.sync", is_gemm=True),
+        resource_report.Row(**dict(row, backend="cuda", dtype="float32"), is_gemm=True),
+        resource_report.Row(**dict(row, backend="cuda"), tensor_core="mma.sync", is_gemm=True,
+                            async_copy=True)])
+    assert len(failures) == 4
     assert "spills 8" in failures[0] and "mma.sync" in failures[1] and "L2 budget" in failures[2]
+    assert "cp.async" in failures[3]
 
 
 def test_l2_budget_is_the_cuda_kernels():
@@ -237,6 +243,13 @@ def test_gate_sm90_triton_gemms_use_wgmma(report_rows):
     bad = _failures(report_rows, lambda r: f"uses {r['tensor_core']}" if (
         r["backend"] == "triton" and r["is_gemm"] == "True" and r["dtype"] != "float32"
         and r["tensor_core"] != "wgmma") else "")
+    assert not bad, "\n".join(bad)
+
+
+def test_gate_cuda_16bit_gemms_stage_with_cp_async(report_rows):
+    bad = _failures(report_rows, lambda r: "no LDGSTS in its SASS" if (
+        r["backend"] == "cuda" and r["is_gemm"] == "True" and r["dtype"] in ("bfloat16", "float16")
+        and r.get("async_copy") != "True") else "")
     assert not bad, "\n".join(bad)
 
 
