@@ -156,3 +156,15 @@ def test_compiled_keeps_the_opaque_op_elsewhere(monkeypatch):
     with pytest.raises(backends.BackendUnavailableError, match="demoted"):
         compiled(x)  # the opaque op refuses the demoted backend by name, as in eager
     assert any(t.startswith("define_kernels.hgt_forward") for t in graphs[0]), graphs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case: on a GPU the kernels are captured")
+def test_interpreter_kernels_refuse_a_graph_trace():
+    """aot_eager / Inductor trace the triton_op's body into a graph; interpreted kernels cannot be
+    in it, and skipping them there would return unwritten outputs: it must raise instead."""
+    x, ids, params = _inputs()
+    x, params = x.detach(), [p.detach() for p in params]
+    compiled = torch.compile(lambda x: ops.hgt(x, params, CONFIG, ids=ids, backend="triton",
+                                               activations="recompute"), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="cannot enter a traced graph"):
+        compiled(x)
