@@ -17,7 +17,10 @@ Per layer (a in, w out, g groups, c = w / g), T tokens, s = 2 bytes:
   split: layers with g > 1 fused as above; each g = 1 layer a GEMM over all tokens with
     BM x BN = 128 x 256 tiles: weights T/128 x a x w x s, operand A T x a x s x ceil(w / 256),
     its output and the next layer's operand through HBM (T x w x s written, read once; LN
-    statistics as fp32 per-tile partials, 8 bytes per row and tile: negligible).
+    statistics as fp32 per-tile partials, 8 bytes per row and tile: negligible). Not counted:
+    the last layer's LN + activation need one more pass over its output once all its column
+    tiles are done (T x m x s read and written again: 34 MB at wt103-base), and the map-row
+    gather (T x p x s, the same in every option).
 """
 from __future__ import annotations
 
