@@ -5,11 +5,14 @@
 #      (python -m define_kernels.build --require-cuda), and the CMake CUDA configure + build,
 #      the two in parallel (one compile job each); both .so files are then loaded (dlopen needs
 #      no GPU) and must register CUDA kernels;
-#   3. the Triton kernels compiled for sm_90a (GPUTarget cuda/90) in bf16: every forward autotune
-#      config at wt103-base, the pinned forward tile and every backward layer shape of the other
-#      standard workloads; the CUDA kernels (every csrc/cuda/*.cu) for sm_90 and sm_90a; into a
-#      resource report, and python_tests/test_cuda_compile.py (toolkit discovery + the resource
-#      gate) on it. The full report (every dtype and config) is `make resource-report`.
+#   3. the Triton kernels compiled for sm_90a (GPUTarget cuda/90) in bf16, fp16 and fp32: at
+#      wt103-base every forward autotune config and every backward kernel of each dtype; at the
+#      other standard workloads each dtype's pinned forward tile and the bf16 backward of their
+#      layer shapes; the CUDA kernels (every csrc/cuda/*.cu, every dtype) for sm_90 (what the
+#      build ships for H100/H200; sm_90a gives the same resources and is in the full report);
+#      into a resource report, and python_tests/test_cuda_compile.py (toolkit discovery + the
+#      resource gate, which also checks that every dtype is covered) on it. The full report
+#      (every dtype, config and workload) is `make resource-report`.
 # Each stage prints its wall time and load. Env: CUDA_TORCH_SPEC (default torch==2.14.1), CUDA_VENV
 # (default .venv-cuda, reused when present), CUDA_CHECK_DIR (default build/cuda-check),
 # CUDA_CHECK_GATE=0 to report the gate without failing on it.
@@ -72,11 +75,13 @@ done
 done_stage "load"
 
 stage "Triton for sm_90a + CUDA for sm_90: resource report"
-# CI subset (the full report is `make resource-report`, committed in bench/results/): bf16, every
-# forward autotune config at wt103-base, the pinned forward tile and every distinct backward layer
-# shape of the other workloads; CUDA: every csrc/cuda/*.cu for sm_90 and sm_90a.
-"$PY" -m bench.resource_report --out "$WORK" --stem resource --dtypes bfloat16 \
-    --all-configs-for bfloat16 --all-configs-workloads wt103-base --backward-for bfloat16
+# CI subset (the full report is `make resource-report`, committed in bench/results/): every dtype;
+# every forward autotune config and backward kernel at wt103-base; elsewhere the pinned forward
+# tile per dtype and the bf16 backward (fp16's backward kernels are bf16's tiles in another
+# 16-bit type; all three dtypes were +135 s, this subset +73 s, on the shared 2-core machine);
+# CUDA: every csrc/cuda/*.cu for sm_90.
+"$PY" -m bench.resource_report --out "$WORK" --stem resource --dtypes bfloat16,float16,float32 \
+    --all-configs-workloads wt103-base --backward-everywhere-for bfloat16 --cuda-archs sm_90
 done_stage "resource report"
 
 stage "toolkit + resource gate tests"

@@ -11,7 +11,8 @@ bench/results/resource_<date>_<commit>.{csv,md} (or --out DIR).
 Needs a CUDA build of torch with triton (compiling for a GPUTarget needs no GPU) and, for the
 CUDA rows, nvcc (found as the JIT build finds it) plus the cuobjdump/nvdisasm triton ships.
 The gate (python_tests/test_cuda_compile.py, `--gate` here) fails on any spill, on a bf16/fp16
-Triton GEMM config that does not use wgmma on sm_90, and on scratch above L2_BUDGET_BYTES in the
+Triton GEMM config that does not use wgmma on sm_90, on a bf16/fp16 CUDA GEMM kernel without
+cp.async operand staging (no LDGSTS in its SASS), and on scratch above L2_BUDGET_BYTES in the
 kernels that claim it stays L2-resident (column l2_resident: the CUDA forward's global-scratch
 mode, whose grid is capped to the budget and walks the tiles in waves). The Triton forward's
 scratch (z and h for all T rows) makes no such claim: it is reported, not gated.
@@ -59,7 +60,7 @@ L2_BUDGET_BYTES = int(L2_BYTES * L2_BUDGET_FRACTION)
 DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 FIELDS = ["backend", "kernel", "workload", "dtype", "config", "threads", "registers", "spill_bytes",
           "smem_bytes", "blocks_per_sm", "occupancy", "tensor_core", "is_gemm", "scratch_bytes",
-          "l2_resident", "compile_s"]
+          "l2_resident", "async_copy", "compile_s"]
 
 
 @dataclasses.dataclass
@@ -79,6 +80,7 @@ class Row:
     is_gemm: bool = False
     scratch_bytes: int = 0
     l2_resident: bool = False  # the kernel claims its scratch stays in L2: gated on L2_BUDGET_BYTES
+    async_copy: bool = False   # global -> shared copies without registers (SASS LDGSTS / PTX cp.async)
     compile_s: float = 0.0
 
     def __post_init__(self):
@@ -152,7 +154,8 @@ def _triton_row(compiled, kernel_name, workload, dtype, config, num_warps, is_ge
     return Row("triton", kernel_name, workload, dtype, config, 32 * num_warps, resources["registers"],
                resources["spill_bytes"], int(compiled.metadata.shared) + resources["static_smem"],
                tensor_core=tensor_core_kind(compiled.asm["ptx"]), is_gemm=is_gemm,
-               scratch_bytes=scratch, compile_s=round(seconds, 2))
+               scratch_bytes=scratch, async_copy="cp.async" in compiled.asm["ptx"],
+               compile_s=round(seconds, 2))
 
 
 def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
@@ -163,34 +166,45 @@ def triton_forward_scratch(config, dtype: str, tokens: int) -> int:
 
 
 def triton_rows_parallel(workloads: List[str], dtypes, all_configs_for, backward_for, jobs: int,
-                         all_configs_workloads: Optional[List[str]] = None) -> List[Row]:
-    """triton_rows over the workloads with distinct stacks, `jobs` processes at a time; a workload
-    whose HGTConfig equals an earlier one (wt2-small = wt103-base) reuses its rows, with its own
-    token count in the scratch column. all_configs_workloads (None: all) limits the every-config
-    forward to those workloads; the others compile the pinned tile (CI: cheap coverage of their
-    layer shapes)."""
+                         all_configs_workloads: Optional[List[str]] = None,
+                         backward_everywhere_for: Optional[Iterable[str]] = None) -> List[Row]:
+    """triton_rows over the workloads with distinct stacks, one (workload, dtype) per task, `jobs`
+    processes at a time; a workload whose HGTConfig equals an earlier one (wt2-small =
+    wt103-base) reuses its rows, with its own token count in the scratch column.
+    all_configs_workloads (None: all) are the workloads that get the full treatment: every forward
+    autotune config of the dtypes in all_configs_for and the backward of every dtype in
+    backward_for. The others compile the pinned forward tile and the backward only of the dtypes
+    also in backward_everywhere_for (None: all of backward_for) -- CI: every dtype's kernels at
+    wt103-base, the other workloads' layer shapes in bf16 (the 16-bit backward kernels of fp16 and
+    bf16 are the same tiles), within its time budget."""
     from concurrent.futures import ProcessPoolExecutor
     by_config: Dict[object, List[str]] = {}
     for name in workloads:
         by_config.setdefault(WORKLOADS[name].config(), []).append(name)
-    firsts = [names[0] for names in by_config.values()]
-    def every_config_dtypes(names):
-        wanted = all_configs_workloads is None or any(n in all_configs_workloads for n in names)
-        return list(all_configs_for) if wanted else []
-    args = [([names[0]], list(dtypes), every_config_dtypes(names), list(backward_for))
-            for names in by_config.values()]
-    if jobs > 1 and len(firsts) > 1:
+    everywhere = set(backward_for if backward_everywhere_for is None else backward_everywhere_for)
+    args, owners = [], []
+    for names in by_config.values():
+        full = all_configs_workloads is None or any(n in all_configs_workloads for n in names)
+        for dtype in dtypes:
+            backward = dtype in backward_for and (full or dtype in everywhere)
+            args.append(([names[0]], [dtype], [dtype] if full and dtype in all_configs_for else [],
+                         [dtype] if backward else []))
+            owners.append(names)
+    if jobs > 1 and len(args) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             computed = list(pool.map(_triton_rows_star, args))
     else:
         computed = [_triton_rows_star(a) for a in args]
     rows = []
-    for names, first_rows in zip(by_config.values(), computed):
+    for names in by_config.values():  # workload-major order, as before the per-dtype split
         for name in names:
-            for row in first_rows:
-                scratch = row.scratch_bytes and triton_forward_scratch(
-                    WORKLOADS[name].config(), row.dtype, WORKLOADS[name].tokens_per_batch)
-                rows.append(dataclasses.replace(row, workload=name, scratch_bytes=scratch))
+            for owner, first_rows in zip(owners, computed):
+                if owner is not names:
+                    continue
+                for row in first_rows:
+                    scratch = row.scratch_bytes and triton_forward_scratch(
+                        WORKLOADS[name].config(), row.dtype, WORKLOADS[name].tokens_per_batch)
+                    rows.append(dataclasses.replace(row, workload=name, scratch_bytes=scratch))
     return rows
 
 
@@ -396,6 +410,7 @@ def _cuda_cubin_rows(cubin: Path, source: str, arch: str, workloads, dtypes, sec
             rows.append(Row("cuda", kernel, name, dtype, label, 256, res["registers"], res["spill_bytes"],
                             smem, tensor_core=tensor_core_kind(per_function.get(mangled, "")),
                             is_gemm=kernel in _CUDA_GEMMS, scratch_bytes=scratch, l2_resident=scratch > 0,
+                            async_copy="LDGSTS" in per_function.get(mangled, ""),
                             compile_s=round(seconds, 2)))
     return rows
 
@@ -410,6 +425,9 @@ def gate_failures(rows: List[Row]) -> List[str]:
             failures.append(f"{where}: spills {row.spill_bytes} bytes")
         if row.backend == "triton" and row.is_gemm and row.dtype != "float32" and row.tensor_core != "wgmma":
             failures.append(f"{where}: GEMM uses {row.tensor_core}, not wgmma, on sm_90")
+        if (row.backend == "cuda" and row.is_gemm and row.dtype in ("bfloat16", "float16")
+                and not row.async_copy):
+            failures.append(f"{where}: GEMM operands not staged with cp.async (no LDGSTS)")
         if row.l2_resident and row.scratch_bytes > L2_BUDGET_BYTES:
             failures.append(f"{where}: L2-resident scratch {row.scratch_bytes / 2**20:.1f} MiB > L2 budget "
                             f"{L2_BUDGET_BYTES / 2**20:.1f} MiB")
@@ -429,11 +447,12 @@ def write(rows: List[Row], out_dir: Path, stem: str) -> List[Path]:
              f"({L2_BUDGET_FRACTION} x {L2_BYTES / 2**20:.0f} MiB = {L2_BUDGET_BYTES / 2**20:.1f} MiB) only where "
              f"the kernel claims L2 residency (L2 = yes).", "",
              "| backend | kernel | workload | dtype | config | regs | spill B | smem KB | CTAs/SM | occupancy "
-             "| tensor cores | scratch MiB | L2 |", "|" + "---|" * 13]
+             "| tensor cores | cp.async | scratch MiB | L2 |", "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r.backend} | {r.kernel} | {r.workload} | {r.dtype} | {r.config} | {r.registers} | "
                      f"{r.spill_bytes} | {r.smem_bytes / 1024:.1f} | {r.blocks_per_sm} | {r.occupancy:.0%} | "
-                     f"{r.tensor_core} | {r.scratch_bytes / 2**20:.1f} | {'yes' if r.l2_resident else '-'} |")
+                     f"{r.tensor_core} | {'yes' if r.async_copy else '-'} | {r.scratch_bytes / 2**20:.1f} | "
+                     f"{'yes' if r.l2_resident else '-'} |")
     failures = gate_failures(rows)
     lines += ["", f"Gate: {'PASS' if not failures else f'{len(failures)} failure(s)'}"]
     lines += [f"- {failure}" for failure in failures]
@@ -453,12 +472,12 @@ def summary_table(rows: List[dict], workload: str = "wt103-base", dtype: str = "
         if key not in picked or rank > (int(picked[key]["spill_bytes"]), int(picked[key]["registers"])):
             picked[key] = row
     lines = ["| backend | kernel | config | regs | spill B | smem KB | CTAs/SM | occupancy | tensor cores "
-             "| fwd scratch MiB | L2-resident (gated) |", "|" + "---|" * 11]
+             "| cp.async | fwd scratch MiB | L2-resident (gated) |", "|" + "---|" * 12]
     for (backend, kernel, config), r in picked.items():
         lines.append(f"| {backend} | {kernel}{' (worst layer)' if ' L' in r['kernel'] else ''} | {config} | "
                      f"{r['registers']} | {r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | "
                      f"{r['blocks_per_sm']} | {float(r['occupancy']):.0%} | {r['tensor_core']} | "
-                     f"{int(r['scratch_bytes']) / 2**20:.1f} | {'yes' if r.get('l2_resident') == 'True' else '-'} |")
+                     f"{'yes' if r.get('async_copy') == 'True' else '-'} | {int(r['scratch_bytes']) / 2**20:.1f} | {'yes' if r.get('l2_resident') == 'True' else '-'} |")
     return "\n".join(lines)
 
 
@@ -476,6 +495,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--backward-for", default="bfloat16,float16,float32",
                         help="dtypes whose Triton backward kernels are compiled ('' for none)")
+    parser.add_argument("--backward-everywhere-for", default=None,
+                        help="of --backward-for, the dtypes whose backward is also compiled at the "
+                             "workloads outside --all-configs-workloads (default: all of them)")
     parser.add_argument("--out", default=os.environ.get("DEFINE_RESULTS_DIR", str(Path(__file__).parent / "results")))
     parser.add_argument("--stem", default=None, help="file name stem (default resource_<date>_<commit>)")
     parser.add_argument("--gate", action="store_true", help="exit 1 when the gate fails")
@@ -496,8 +518,10 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if backend == "triton":
             every = [w for w in args.all_configs_workloads.split(",") if w] or None
+            everywhere = None if args.backward_everywhere_for is None else [
+                d for d in args.backward_everywhere_for.split(",") if d]
             rows += triton_rows_parallel(workloads, dtypes, args.all_configs_for.split(","),
-                                         args.backward_for.split(","), args.jobs, every)
+                                         args.backward_for.split(","), args.jobs, every, everywhere)
         elif backend == "cuda":
             rows += cuda_rows(workloads, dtypes, args.jobs, [a for a in args.cuda_archs.split(",") if a])
         else:

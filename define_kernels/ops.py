@@ -26,7 +26,9 @@ Autocast (CPU and CUDA): under torch.autocast the forward ops compute in the aut
 the given (fp32) tensors and return that dtype; gradients reach the fp32 tensors in fp32 through
 the casts. With ids and no dropout only the gathered rows are cast, not the table.
 
-The ops are opaque to torch.compile (fullgraph-safe); `register_fake` gives their shapes.
+The ops are opaque to torch.compile (fullgraph-safe); `register_fake` gives their shapes. Where
+the triton backend would run, `hgt` under torch.compile calls its triton_ops instead, so the graph
+holds the Triton kernels (backends/triton_library.py).
 """
 from __future__ import annotations
 
@@ -261,6 +263,11 @@ def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
     policy = backends.resolve_activation_policy(backends.check_activation_policy(activations),
                                                 x.device, x.dtype, backend)
     params = list(params)
+    if policy == backends.RECOMPUTE and torch.compiler.is_compiling():
+        # the triton backend as triton_ops, so Inductor sees its kernels (backends/triton_library.py)
+        from .backends import triton_library
+        if triton_library.traced_route(x, ids, config, seed, backend):
+            return triton_library.hgt_triton(x, params, config, ids=ids, scale=scale, seed=seed)
     if policy == backends.SAVE and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)):
         return hgt_forward_saving(x, ids, params, config.key, float(scale), seed, backend,

@@ -6,11 +6,10 @@ fp32 is compared with the reference run in fp64 on the same inputs (the toleranc
 row); fp16/bf16 follow the flash-attention rule of tolerances.py: at most twice the error of the
 reference run in that dtype, plus a floor.
 """
-import math
-
 import pytest
 import torch
 
+from bench.gpu_correctness import make_params  # the GPU check's parameters (one builder)
 from define_kernels import backends, reference
 from define_kernels.config import HGTConfig
 import expectations
@@ -45,20 +44,6 @@ CONFIGS = {
     "wide-global-scratch": HGTConfig(in_dim=128, expand_dim=1024, out_dim=96, depth=2, max_groups=8,
                                      shuffle=True),
 }
-
-
-def make_params(config, dtype, device):
-    """Random parameters (non-trivial biases and LN affines, so every gradient is exercised)."""
-    shapes, params = iter(config.param_shapes()), []
-    for index in range(len(config.layers)):
-        weight_shape, bias_shape = next(shapes), next(shapes)
-        params += [torch.randn(weight_shape, dtype=torch.float64) / math.sqrt(weight_shape[1]),
-                   0.1 * torch.randn(bias_shape, dtype=torch.float64)]
-        if config.layer_has_norm(index):
-            norm_shape, _ = next(shapes), next(shapes)
-            params += [1.0 + 0.1 * torch.randn(norm_shape, dtype=torch.float64),
-                       0.1 * torch.randn(norm_shape, dtype=torch.float64)]
-    return [p.to(device=device, dtype=dtype) for p in params]
 
 
 def make_inputs(config, dtype, rows, gather, device="cuda", table_rows=50, strided=False):

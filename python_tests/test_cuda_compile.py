@@ -162,9 +162,15 @@ def test_resource_rules_on_synthetic_rows():
                             scratch_bytes=resource_report.L2_BUDGET_BYTES + 1),
         # scratch that claims no L2 residency (the Triton forward's) is reported, not gated
         resource_report.Row(**row, tensor_core="wgmma", is_gemm=True,
-                            scratch_bytes=resource_report.L2_BUDGET_BYTES + 1)])
-    assert len(failures) == 3
+                            scratch_bytes=resource_report.L2_BUDGET_BYTES + 1),
+        # a 16-bit CUDA GEMM must stage its operands with cp.async; fp32 need not
+        resource_report.Row(**dict(row, backend="cuda"), tensor_core="mma.sync", is_gemm=True),
+        resource_report.Row(**dict(row, backend="cuda", dtype="float32"), is_gemm=True),
+        resource_report.Row(**dict(row, backend="cuda"), tensor_core="mma.sync", is_gemm=True,
+                            async_copy=True)])
+    assert len(failures) == 4
     assert "spills 8" in failures[0] and "mma.sync" in failures[1] and "L2 budget" in failures[2]
+    assert "cp.async" in failures[3]
 
 
 def test_l2_budget_is_the_cuda_kernels():
@@ -206,14 +212,14 @@ def _can_compile_for_sm90():
 
 @pytest.fixture(scope="module")
 def report_rows(tmp_path_factory):
-    """The CSV named by DEFINE_RESOURCE_REPORT, else a fresh report of wt103-base, bf16."""
+    """The CSV named by DEFINE_RESOURCE_REPORT, else a fresh report of wt103-base, every dtype."""
     path = os.environ.get(ENV_REPORT)
     if not path:
         reason = _can_compile_for_sm90()
         if reason:
             pytest.skip(reason)
         out = tmp_path_factory.mktemp("resource")
-        resource_report.main(["--workloads", "wt103-base", "--dtypes", "bfloat16", "--out", str(out),
+        resource_report.main(["--workloads", "wt103-base", "--out", str(out),
                               "--stem", "resource"])
         path = out / "resource.csv"
     with open(path, newline="") as handle:
@@ -240,9 +246,32 @@ def test_gate_sm90_triton_gemms_use_wgmma(report_rows):
     assert not bad, "\n".join(bad)
 
 
+def test_gate_cuda_16bit_gemms_stage_with_cp_async(report_rows):
+    bad = _failures(report_rows, lambda r: "no LDGSTS in its SASS" if (
+        r["backend"] == "cuda" and r["is_gemm"] == "True" and r["dtype"] in ("bfloat16", "float16")
+        and r.get("async_copy") != "True") else "")
+    assert not bad, "\n".join(bad)
+
+
 def test_gate_forward_scratch_within_l2_budget(report_rows):
     budget = resource_report.L2_BUDGET_BYTES
     # only the kernels that claim L2 residency (the CUDA forward's waves); Triton's is reported
     bad = _failures(report_rows, lambda r: f"{int(r['scratch_bytes']) / 2**20:.1f} MiB" if (
         r.get("l2_resident") == "True" and int(r["scratch_bytes"]) > budget) else "")
     assert not bad, f"L2 budget {budget / 2**20:.0f} MiB:\n" + "\n".join(bad)
+
+
+def test_gate_covers_every_dtype(report_rows):
+    """The gate is only as good as what it compiled: every dtype of every Triton kernel (forward,
+    and each backward kernel) and of the CUDA forward / backward GEMMs must be in the report."""
+    wanted = set(resource_report.DTYPES)
+    kernels = {"triton": ("hgt_forward", "epilogue_backward", "weight_grad", "input_grad"),
+               "cuda": ("hgt_forward_kernel", "hgt_wgrad_kernel", "hgt_dgrad_kernel")}
+    missing = []
+    for backend, names in kernels.items():
+        for name in names:
+            have = {r["dtype"] for r in report_rows
+                    if r["backend"] == backend and r["kernel"].split(" L")[0] == name}
+            if wanted - have:
+                missing.append(f"{backend} {name}: no {sorted(wanted - have)}")
+    assert not missing, "\n".join(missing)

@@ -36,3 +36,21 @@ def test_skipped_stage_and_summary_files(tmp_path, monkeypatch):
     summary = json.loads(next(tmp_path.glob("*_summary.json")).read_text())
     assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("info+build", "ok"), ("memcheck", "not run")]
     assert "compute-sanitizer not found" in next(tmp_path.glob("*_summary.md")).read_text()
+
+
+def test_gpu_traffic_counts_by_hand(tmp_path):
+    """bench.gpu_traffic's per-layer byte counts (item 4 of issue 12) on one layer done by hand,
+    and its results file."""
+    from bench import gpu_traffic
+    from define_kernels.workloads import WORKLOADS
+    layer = WORKLOADS["wt103-base"].config().layers[3]  # 928 -> 1024, g = 1
+    assert (layer.in_features, layer.out_features, layer.groups) == (928, 1024, 1)
+    fused = gpu_traffic.fused_bytes(layer, 16_384)
+    assert fused["weights"] == 256 * 928 * 1024 * 2          # 256 tiles, all of W each
+    assert fused["operand"] == 16_384 * 928 * 2 * 16         # A re-staged per 64-column block
+    gemm = gpu_traffic.gemm_bytes(layer, 16_384)
+    assert gemm["weights"] == 128 * 928 * 1024 * 2 and gemm["operand"] == 16_384 * 928 * 2 * 4
+    assert gemm["hbm"] == 2 * 16_384 * 1024 * 2
+    assert gpu_traffic.main(["--workloads", "wt103-base", "--out", str(tmp_path)]) == 0
+    text = next(tmp_path.glob("gpu_traffic_*.md")).read_text()
+    assert "| wt103-base | 16,384 | 3.79 | fused, 64-token tiles (today) | 0.97 | 1.00 |" in text

@@ -1,15 +1,21 @@
 """The Triton path as torch.library.triton_op (backends/triton_library.py) against the reference.
 
-Eager: forward and every gradient through the triton_ops (the Triton interpreter on CPU).
-Compiled: torch.compile(fullgraph=True) through Inductor must match eager; it needs a GPU,
-because torch.library.wrap_triton hands TRITON_INTERPRET=1 kernels (InterpretedFunction) back
-unwrapped (torch/_library/triton.py), so no graph can capture them on a CPU.
+Eager: forward and every gradient through the triton_ops (the Triton interpreter on CPU), and the
+public op running them when the triton backend is selected.
+Routing under torch.compile (fullgraph=True, so a graph break fails): ops.hgt / DeFINE put the
+triton_op into Dynamo's graph where triton runs, the opaque public op elsewhere; checked on CPU
+with a recording Dynamo backend that then runs the graph eagerly (the interpreter's launches are
+skipped only in Dynamo's fake-tensor pass, triton_library._InterpretedLaunch).
+Inductor: needs a GPU, because torch.library.wrap_triton hands TRITON_INTERPRET=1 kernels
+(InterpretedFunction) back unwrapped (torch/_library/triton.py), so no graph can capture them on
+a CPU.
 """
 import pytest
 import torch
 
-from define_kernels import backends, reference
-from define_kernels.backends import triton_library
+import define_kernels as dk
+from define_kernels import backends, ops, reference
+from define_kernels.backends import first_use_check, triton_library
 from define_kernels.config import HGTConfig
 
 from conftest import usable_backend
@@ -50,12 +56,17 @@ def test_triton_op_matches_reference(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: torch.library.wrap_triton returns TRITON_INTERPRET=1 kernels "
                            "unwrapped (InterpretedFunction), so torch.compile cannot capture them on CPU")
-def test_compiled_fullgraph_matches_eager():
+@pytest.mark.parametrize("entry", ["hgt_triton", "public"])
+def test_compiled_fullgraph_matches_eager(entry):
     x, ids, params = _inputs(torch.bfloat16)
     seed = torch.tensor(7, dtype=torch.int64)
 
     def step(x, params):
-        return triton_library.hgt_triton(x, params, CONFIG, ids=ids, scale=1.3, seed=seed).float().square().sum()
+        if entry == "public":  # routed to the triton_op while tracing (ops.hgt)
+            y = ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton")
+        else:
+            y = triton_library.hgt_triton(x, params, CONFIG, ids=ids, scale=1.3, seed=seed)
+        return y.float().square().sum()
 
     compiled = torch.compile(step, fullgraph=True)  # a graph break raises here
     loss = compiled(x, params)
@@ -68,3 +79,92 @@ def test_compiled_fullgraph_matches_eager():
         size = grad_eager.abs().max().float().clamp_min(1.0)
         assert_close(grad.float() / size, grad_eager.float() / size, dtype=torch.bfloat16,
                      name=f"compiled gradient {index} (scaled)")
+
+
+def _compile_recording(fn):
+    """torch.compile(fn, fullgraph=True) with a Dynamo backend that records each graph's call
+    targets and runs the graph eagerly."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return gm.forward
+
+    return torch.compile(fn, backend=record, fullgraph=True), graphs
+
+
+def test_public_op_runs_the_triton_op(monkeypatch):
+    """backend="triton" behind the opaque public op: its forward and backward are the triton_ops."""
+    x, ids, params = _inputs()
+    calls = []
+    for name in ("triton_hgt_forward", "triton_hgt_backward"):
+        op = getattr(triton_library, name)
+        monkeypatch.setattr(triton_library, name,
+                            lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    seed = torch.tensor(12345, dtype=torch.int64)
+    y = ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton",
+                activations="recompute")
+    grads = torch.autograd.grad(y.square().sum(), [x] + params)
+    assert "triton_hgt_forward" in calls and "triton_hgt_backward" in calls
+    y_ref = reference.hgt_forward(x.detach().double(), ids, [p.detach().double() for p in params],
+                                  CONFIG, 1.3, 12345)
+    assert_close(y.detach().cpu(), y_ref.cpu(), torch.float32, name="y")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_compiled_define_routes_to_the_triton_op():
+    """A DeFINE training step compiled with fullgraph=True: the graph holds the triton_op (not the
+    opaque op) and gives eager's output and gradients (same seed, same dropout masks)."""
+    torch.manual_seed(0)
+    embed = dk.DeFINE(31, 20, map_dim=12, expand_dim=40, depth=3, max_groups=4, align=1,
+                      dropout=0.3, backend="triton", device=DEVICE)
+    ids = torch.randint(0, 31, (3, 5), device=DEVICE)
+    usable_backend("triton", backends.OpInputs(embed.map_weight, ids.reshape(-1), embed.hgt.op_params(),
+                                               embed.config, 1.0, None))
+
+    def step(ids):
+        return embed(ids).square().sum()
+
+    compiled, graphs = _compile_recording(step)
+    torch.manual_seed(1)
+    loss = compiled(ids)
+    grads = torch.autograd.grad(loss, list(embed.parameters()))
+    assert graphs and any("triton_hgt_forward" in t for t in graphs[0]), graphs
+    assert not any(t.startswith("define_kernels.hgt_forward") for t in graphs[0]), graphs
+    torch.manual_seed(1)
+    loss_eager = step(ids)
+    grads_eager = torch.autograd.grad(loss_eager, list(embed.parameters()))
+    assert_close(loss.detach(), loss_eager.detach(), torch.float32, name="compiled loss")
+    for index, (grad, grad_eager) in enumerate(zip(grads, grads_eager)):
+        size = grad_eager.abs().max().clamp_min(1.0)
+        assert_close(grad / size, grad_eager / size, torch.float32, name=f"compiled gradient {index}")
+
+
+def test_compiled_keeps_the_opaque_op_elsewhere(monkeypatch):
+    """Another backend, or a demoted triton, keeps the opaque public op in the graph."""
+    x, ids, params = _inputs()
+
+    def step(x, backend):
+        return ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, backend=backend, activations="recompute")
+
+    compiled, graphs = _compile_recording(lambda x: step(x, "torch"))
+    compiled(x)
+    assert any(t.startswith("define_kernels.hgt_forward") for t in graphs[0]), graphs
+    assert not any("triton_hgt" in t for t in graphs[0]), graphs
+    monkeypatch.setitem(first_use_check._demoted, "triton", "injected for this test")
+    compiled, graphs = _compile_recording(lambda x: step(x, "triton"))
+    with pytest.raises(backends.BackendUnavailableError, match="demoted"):
+        compiled(x)  # the opaque op refuses the demoted backend by name, as in eager
+    assert any(t.startswith("define_kernels.hgt_forward") for t in graphs[0]), graphs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case: on a GPU the kernels are captured")
+def test_interpreter_kernels_refuse_a_graph_trace():
+    """aot_eager / Inductor trace the triton_op's body into a graph; interpreted kernels cannot be
+    in it, and skipping them there would return unwritten outputs: it must raise instead."""
+    x, ids, params = _inputs()
+    x, params = x.detach(), [p.detach() for p in params]
+    compiled = torch.compile(lambda x: ops.hgt(x, params, CONFIG, ids=ids, backend="triton",
+                                               activations="recompute"), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="cannot enter a traced graph"):
+        compiled(x)

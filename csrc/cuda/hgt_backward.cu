@@ -128,6 +128,11 @@ struct DzRowsLoader {  // B(k, n) = dz[token t0 + k, col0 + n], n < cols
   __device__ __forceinline__ T operator()(int k, int n) const {
     return (k < len && n < cols) ? dz[(t0 + k) * w + col0 + n] : from_float<T>(0.f);
   }
+  __device__ __forceinline__ const T* vector_source(int k, int n) const {  // 16-byte staging
+    if (k >= len || n + kVector<T> > cols) return nullptr;
+    const T* src = dz + (t0 + k) * w + col0 + n;
+    return aligned16(src) ? src : nullptr;
+  }
 };
 
 template <typename T>
@@ -178,6 +183,11 @@ struct DzTileLoader {  // A(m, k) = dz[row0 + m, col0 + k]
   int64_t row0;
   __device__ __forceinline__ T operator()(int m, int k) const {
     return (m < nrows && k < c) ? dz[(row0 + m) * w + col0 + k] : from_float<T>(0.f);
+  }
+  __device__ __forceinline__ const T* vector_source(int m, int k) const {  // 16-byte staging
+    if (m >= nrows || k + kVector<T> > c) return nullptr;
+    const T* src = dz + (row0 + m) * w + col0 + k;
+    return aligned16(src) ? src : nullptr;
   }
 };
 

@@ -1,8 +1,9 @@
 // Device building blocks shared by the forward (hgt_forward.cu) and backward (hgt_backward.cu)
 // kernels of the fused HGT op:
 //   1. scalar helpers: dtype conversion, the dropout hash, activations, LN moments
-//   2. cta_gemm: one CTA computes a 64 x 64 fp32 tile of A @ B from element loaders
-//      (tensor cores via WMMA for fp16/bf16, fp32 FMA for float)
+//   2. cta_gemm: one CTA computes a 64 x 64 fp32 tile of A @ B from element loaders, operand
+//      tiles staged in 16-byte chunks (cp.async on sm_80+) where the loader says a chunk is
+//      contiguous and aligned (tensor cores via ldmatrix + mma.sync for fp16/bf16, fp32 FMA)
 //   3. layer input addressing: mix / concat / shuffle folded into index math (the pure part of it
 //      lives in define_kernels/hgt_index_math.h, tested on the CPU), never materialized
 //   4. ForwardArgs and the internal launcher the backward uses for its activation-saving forward
@@ -21,6 +22,8 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 
 namespace dk_cuda {
 namespace {
@@ -30,11 +33,11 @@ constexpr int kBM = 64, kBN = 64, kBK = 32;   // cta_gemm tile; kBM is also the 
 constexpr int kPadAB = 8;                     // keeps WMMA rows 32-byte aligned, spreads banks
 constexpr int kPadC = 4;
 constexpr float kLnEps = 1e-5f;
-// Forward occupancy target (CTAs per SM the register allocation must allow). fp32: 3, i.e. at
-// most 80 registers (sm_90: 80, no spill; 127 without the bound, 2 CTAs/SM). fp16/bf16 on the
-// ldmatrix + mma.sync path: 2 (<= 128 registers); at 80 it spills 8 bytes.
-template <typename T> struct ForwardMinBlocks { static constexpr int value = 2; };
-template <> struct ForwardMinBlocks<float> { static constexpr int value = 3; };
+// Forward occupancy target (CTAs per SM the register allocation must allow): 3, i.e. at most 80
+// registers. sm_90 / sm_80, no spill: fp32 80, fp16/bf16 76-78 since the operand tiles are
+// staged in 16-byte chunks (cp.async); with element-wise staging the 16-bit path needed 120 (2
+// CTAs/SM) and spilled 8 bytes at 80.
+template <typename T> struct ForwardMinBlocks { static constexpr int value = 3; };
 // Share of the device's L2 the forward's global activation scratch may occupy (the rest holds
 // the weights, the gathered map rows and y on their way out).
 constexpr double kL2BudgetFraction = 0.75;
@@ -146,6 +149,70 @@ __device__ __forceinline__ void stage_tile(T* dst, int ld, const Load& load, int
   }
 }
 
+// 16-byte operand staging. A loader whose operand is row-contiguous may define
+// `const T* vector_source(row, col)`: the address of elements (row, col .. col + 16 / sizeof(T) - 1)
+// when they are in bounds, consecutive in one source and 16-byte aligned, else nullptr.
+template <typename L, typename = void> struct HasVectorSource : std::false_type {};
+template <typename L>
+struct HasVectorSource<L, std::void_t<decltype(std::declval<const L&>().vector_source(0, 0))>>
+    : std::true_type {};
+
+template <typename T> constexpr int kVector = 16 / static_cast<int>(sizeof(T));
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return define_kernels::hgt_is_aligned(reinterpret_cast<uintptr_t>(p), 16);
+}
+
+// Global -> shared without a register round trip (sm_80+ cp.async, L2 only: the operands are
+// re-read from L2 by the next tile, not from L1); a plain 16-byte copy where the source is shared
+// memory (the forward's activation tiles in smem mode) or the target predates sm_80.
+__device__ __forceinline__ void copy16_to_shared(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (__isGlobal(src)) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                 :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+
+// Waits for this thread's cp.async copies; the caller's __syncthreads then publishes them.
+__device__ __forceinline__ void wait_copies_to_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// stage_tile in 16-byte chunks (consecutive threads take consecutive chunks of a row): each chunk
+// through vector_source when it has one, else element by element through `load` (zero fill,
+// odd widths, straddling groups, misaligned strides). dst rows (ld) are 16-byte multiples.
+template <int R, int C, typename T, typename Load>
+__device__ __forceinline__ void stage_tile_vector(T* dst, int ld, const Load& load, int row_off, int col_off) {
+  constexpr int V = kVector<T>;
+  static_assert(C % V == 0, "tile width must be a whole number of 16-byte chunks");
+  for (int idx = threadIdx.x; idx < R * (C / V); idx += kThreads) {
+    const int r = idx / (C / V), c = (idx % (C / V)) * V;
+    T* d = dst + r * ld + c;
+    const T* src = load.vector_source(r + row_off, c + col_off);
+    if (src != nullptr) {
+      copy16_to_shared(d, src);
+    } else {  // (not unrolled: the rare path must not cost the common one registers)
+#pragma unroll 1
+      for (int v = 0; v < V; ++v) d[v] = load(r + row_off, c + col_off + v);
+    }
+  }
+}
+
+// One operand tile into shared memory: vectorized where the loader allows it.
+template <int R, int C, typename T, typename Load>
+__device__ __forceinline__ void stage_operand(T* dst, int ld, const Load& load, int row_off, int col_off) {
+  if constexpr (HasVectorSource<Load>::value && !Load::kRowFastest)
+    stage_tile_vector<R, C>(dst, ld, load, row_off, col_off);
+  else
+    stage_tile<R, C, Load::kRowFastest>(dst, ld, load, row_off, col_off);
+}
+
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // Four 8 x 8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
@@ -180,6 +247,18 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 }
 #endif
 
+// Both operand tiles of one K step, visible to the whole CTA on return.
+template <typename T, typename LoadA, typename LoadB>
+__device__ __forceinline__ void stage_operands(T* a, T* b, const LoadA& load_a, const LoadB& load_b, int k0) {
+  // fp32 (FMA path): A element by element; staging it in chunks too spilled 8 bytes on sm_80
+  // at the forward's 80-register bound, and the FMA loop, not the loads, bounds fp32.
+  if constexpr (UseTensorCores<T>::value) stage_operand<kBM, kBK>(a, kBK + kPadAB, load_a, 0, k0);
+  else stage_tile<kBM, kBK, LoadA::kRowFastest>(a, kBK + kPadAB, load_a, 0, k0);
+  stage_operand<kBK, kBN>(b, kBN + kPadAB, load_b, k0, 0);  // GemmSmem::b rows
+  wait_copies_to_shared();
+  __syncthreads();
+}
+
 // s.c = A[0:64, 0:K] @ B[0:K, 0:64] in fp32. load_a(m, k) and load_b(k, n) return T and handle
 // every mask and every layout (mix, concat, transposes), so one GEMM body serves all five uses.
 // Ends with a barrier: s.c is ready for all threads.
@@ -196,9 +275,7 @@ __device__ void cta_gemm(GemmSmem<T>& s, int K, const LoadA& load_a, const LoadB
     const unsigned a_rows = shared_address(&s.a[wm * 16 + lane % 16][(lane / 16) * 8]);
     const unsigned b_rows = shared_address(&s.b[lane % 16][wn * 32]);
     for (int k0 = 0; k0 < K; k0 += kBK) {
-      stage_tile<kBM, kBK, LoadA::kRowFastest>(&s.a[0][0], kBK + kPadAB, load_a, 0, k0);
-      stage_tile<kBK, kBN, LoadB::kRowFastest>(&s.b[0][0], kBN + kPadAB, load_b, k0, 0);
-      __syncthreads();
+      stage_operands(&s.a[0][0], &s.b[0][0], load_a, load_b, k0);
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t a[4];
@@ -230,9 +307,7 @@ __device__ void cta_gemm(GemmSmem<T>& s, int K, const LoadA& load_a, const LoadB
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
     for (int k0 = 0; k0 < K; k0 += kBK) {
-      stage_tile<kBM, kBK, LoadA::kRowFastest>(&s.a[0][0], kBK + kPadAB, load_a, 0, k0);
-      stage_tile<kBK, kBN, LoadB::kRowFastest>(&s.b[0][0], kBN + kPadAB, load_b, k0, 0);
-      __syncthreads();
+      stage_operands(&s.a[0][0], &s.b[0][0], load_a, load_b, k0);
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
@@ -254,9 +329,7 @@ __device__ void cta_gemm(GemmSmem<T>& s, int K, const LoadA& load_a, const LoadB
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 4 x 4 outputs per thread
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += kBK) {
-      stage_tile<kBM, kBK, LoadA::kRowFastest>(&s.a[0][0], kBK + kPadAB, load_a, 0, k0);
-      stage_tile<kBK, kBN, LoadB::kRowFastest>(&s.b[0][0], kBN + kPadAB, load_b, k0, 0);
-      __syncthreads();
+      stage_operands(&s.a[0][0], &s.b[0][0], load_a, load_b, k0);
 #pragma unroll 8
       for (int kk = 0; kk < kBK; ++kk) {
         float av[4], bv[4];
@@ -310,6 +383,15 @@ struct InputRowsLoader {
   __device__ __forceinline__ T operator()(int m, int k) const {
     return (m < rows && k < K) ? in.load(m, j, k) : from_float<T>(0.f);
   }
+  __device__ __forceinline__ const T* vector_source(int m, int k) const {
+    if (m >= rows || k + kVector<T> > K) return nullptr;
+    int col;
+    const int span = define_kernels::hgt_input_span(in.kind, in.p, in.w_prev, in.groups, in.group_in, j, k,
+                                                    kVector<T>, &col);
+    if (span == define_kernels::kHgtSpanSplit) return nullptr;
+    const T* src = span == define_kernels::kHgtSpanX ? in.x + m * in.ldx + col : in.h + m * in.ldh + col;
+    return aligned16(src) ? src : nullptr;
+  }
 };
 
 // B(k, n) = W_j[k, n0 + n] (forward), W_j row-major [K, c].
@@ -321,6 +403,12 @@ struct WeightLoader {
   __device__ __forceinline__ T operator()(int k, int n) const {
     const int col = n0 + n;
     return (k < K && col < c) ? w[static_cast<int64_t>(k) * c + col] : from_float<T>(0.f);
+  }
+  __device__ __forceinline__ const T* vector_source(int k, int n) const {
+    const int col = n0 + n;
+    if (k >= K || col + kVector<T> > c) return nullptr;
+    const T* src = w + static_cast<int64_t>(k) * c + col;
+    return aligned16(src) ? src : nullptr;
   }
 };
 

@@ -44,9 +44,10 @@ torch.use_deterministic_algorithms; there the forward also skips autotuning (a t
 tile choice could change the K order of the dots between processes) and uses deterministic_tiles(dtype). grad_rows is per gathered row (op contract);
 the op's autograd rule scatters it into the table.
 
-Every launch goes through a `wrap` hook (identity here): triton_library.py passes
-torch.library.wrap_triton, so the same launch code runs as `triton_op`s that torch.compile can
-see into.
+Every launch goes through a `wrap` hook: triton_library.py passes torch.library.wrap_triton and
+the registry's forward / backward below call those `triton_op`s, so the public op (eager, behind
+its opaque custom op) and a torch.compile'd graph (ops.hgt routes to the triton_op while tracing,
+see triton_library.py) run the same launches, and Inductor sees the kernels.
 
 Availability: CUDA tensors, priority 10 (ahead of C++ CUDA). With TRITON_INTERPRET=1 (tests,
 debugging) also CPU tensors, with one pinned tile config, no autotune, no bf16, and priority
@@ -120,14 +121,15 @@ def input_reasons(inputs: OpInputs) -> List[str]:
 # multiple of 4, one warpgroup per 64 rows; BLOCK_T=32 fell back to mma.sync). Left out because
 # they spilled: 64 x 64 x 64 (bf16 ptb-lstm 16 B, wt103-wide 24 B; fp16 wt103-wide 8 B), every
 # other fp16 tile but 64 x 32 x 32 (24-368 B), 128-row tiles and 64 x 128 output tiles
-# (1-1.4 KB). fp32 (FMA, no wgmma to keep) spills in every tile tried, 64-row ones 8-664 B;
-# 32 x 32 x 32 at 8 warps spills least (0-8 B) and is used until the fp32 forward's register
-# pressure is cut (a known gate failure of the full report). Few candidates on purpose: every one
-# compiles the whole unrolled stack.
+# (1-1.4 KB). fp32 (FMA dots, no wgmma to keep): the 3-stage operand pipeline is what fills the
+# registers. 32 x 32 x 32 at 8 warps spilled 8 B (ptb-lstm, wt103-deep), at 4 warps 24 B; 64-row
+# tiles spilled 8-112 B at every warp/stage count tried. 16 warps (512 threads: at most 128
+# registers each) give 86-106 with 3 stages; 32 x 32 x 16 at 8 warps (the pinned one) 171-176.
+# Few candidates on purpose: every one compiles the whole unrolled stack.
 FORWARD_TILES = {
     torch.bfloat16: [(64, 64, 32, 8, 3), (64, 32, 64, 8, 3), (64, 32, 32, 8, 3)],
     torch.float16: [(64, 32, 32, 8, 3)],
-    torch.float32: [(32, 32, 32, 8, 3)],
+    torch.float32: [(32, 32, 32, 16, 3), (32, 32, 16, 8, 3)],
 }
 
 
@@ -206,8 +208,10 @@ def _no_wrap(kernel):
 
 
 def _pack(params, wrap) -> torch.Tensor:
-    """The flat parameter buffer: cached on the registry path; a plain cat when traced."""
-    if wrap is _no_wrap:
+    """The flat parameter buffer: cached for real tensors (eager, the triton_ops included); a
+    plain cat while traced (fake tensors have no address or version to key a cache on)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if not any(is_fake(p) for p in params) and not torch.compiler.is_compiling():
         return _packed.get(params)
     return torch.cat([p.reshape(-1) for p in params])
 
@@ -248,15 +252,27 @@ def run_forward(x, ids, params, config: HGTConfig, scale: float, seed, save: boo
     return y, z, h, layout
 
 
+def _seed_tensor(seed) -> Optional[torch.Tensor]:
+    return None if seed is None else torch.tensor(seed, dtype=torch.int64)
+
+
 def triton_forward(x, ids, params, config, scale=1.0, seed=None):
+    """The registry's forward: the triton_op (triton_library.py) called eagerly, so the public op
+    and a torch.compile'd graph (ops.hgt routes there while tracing) run the same launches."""
+    from . import triton_library
     with torch.no_grad():
-        return run_forward(x, ids, list(params), config, scale, seed, save=False)[0]
+        return triton_library.triton_hgt_forward(x, ids, list(params), config.key, float(scale),
+                                                 _seed_tensor(seed))
 
 
 def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
-    """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer."""
-    with torch.no_grad(), _on_device(x.device):
-        return _run_backward(grad_y, x, ids, params, config, scale, seed)
+    """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer; the
+    triton_op's backward, called eagerly."""
+    from . import triton_library
+    with torch.no_grad():
+        grad_rows, grad_params = triton_library.triton_hgt_backward(
+            grad_y, x, ids, [p.detach() for p in params], config.key, float(scale), _seed_tensor(seed))
+    return grad_rows, list(grad_params)
 
 
 def _run_backward(grad_y, x, ids, params, config, scale, seed, wrap=_no_wrap):

@@ -46,6 +46,29 @@ DK_HOST_DEVICE inline bool hgt_input_column(int kind, int p, int w_prev, int gro
   }
 }
 
+// Where features k .. k + len - 1 of group j's input lie, when they are len consecutive columns
+// of one source (what a 16-byte vector load needs): kHgtSpanX / kHgtSpanH with *col the first
+// column, else kHgtSpanSplit (the range straddles x and h, e.g. a mix group's x chunk ending
+// inside it). Every input kind maps k to its column piecewise with slope 1 and at most one
+// x -> h break, so equal sources and end columns len - 1 apart mean the range is contiguous.
+constexpr int kHgtSpanH = 0;
+constexpr int kHgtSpanX = 1;
+constexpr int kHgtSpanSplit = -1;
+DK_HOST_DEVICE inline int hgt_input_span(int kind, int p, int w_prev, int groups, int group_in, int j,
+                                         int k, int len, int* col) {
+  int last = 0;
+  const bool first_x = hgt_input_column(kind, p, w_prev, groups, group_in, j, k, col);
+  const bool last_x = hgt_input_column(kind, p, w_prev, groups, group_in, j, k + len - 1, &last);
+  if (first_x != last_x || last - *col != len - 1) return kHgtSpanSplit;
+  return first_x ? kHgtSpanX : kHgtSpanH;
+}
+
+// True when `address` is a multiple of `bytes` (a power of two): cp.async / 16-byte vector
+// loads need the global and the shared address aligned to their size.
+DK_HOST_DEVICE inline bool hgt_is_aligned(uint64_t address, uint64_t bytes) {
+  return (address & (bytes - 1)) == 0;
+}
+
 // Feature shuffle after a grouped transform ([g, c] -> [c, g] flattened): output column i of group
 // j is stored at this position of the layer's output.
 DK_HOST_DEVICE inline int hgt_output_position(int j, int i, int groups, int per_group, int shuffle) {
