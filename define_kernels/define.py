@@ -200,7 +200,9 @@ class DeFINE(nn.Module):
             y = self.cache.lookup(flat, self._parameter_list(), self.num_embeddings, self._embed)
         elif self.dedup and flat.numel() > 0 and flat.device.type != "meta":
             unique, inverse = torch.unique(flat, return_inverse=True)  # range checked in _embed / the op
-            y = self._embed(unique)[inverse]
+            # index_select, not [inverse]: its backward is one index_add, several times faster
+            # on CPU than the accumulating index_put of advanced indexing
+            y = self._embed(unique).index_select(0, inverse)
         else:
             y = self._embed(flat)
         return y.reshape(*ids.shape, self.embedding_dim)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, reference
+from .backends import cpp_ext
 from .checks import check_ids_in_range, check_op_inputs
 from .config import HGTConfig
 
@@ -116,7 +117,11 @@ def _backward(ctx, grad_y):
 def _table_grad(x, ids, grad_rows):
     if ids is None:
         return grad_rows
-    # rows -> table: summed per id, dense like nn.Embedding's default gradient
+    # rows -> table: summed per id, dense like nn.Embedding's default gradient; on CPU without
+    # writing the whole table when the C++ library is loaded
+    table = cpp_ext.table_grad(x, ids, grad_rows)
+    if table is not None:
+        return table
     return torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
 
 
@@ -173,6 +178,9 @@ def _setup_context_saving(ctx, inputs, output):
     x, ids, params, config, scale, seed, backend = inputs
     _, saved = output
     ctx.mark_non_differentiable(*saved)
+    # The saved activations never get a gradient: without this autograd would fill a zero
+    # tensor per saved activation on every backward (two [T, width] buffers per layer).
+    ctx.set_materialize_grads(False)
     ctx.num_params = len(params)
     ctx.save_for_backward(x, ids, seed, *params, *saved)
     ctx.config, ctx.scale, ctx.backend = config, scale, backend
@@ -180,6 +188,8 @@ def _setup_context_saving(ctx, inputs, output):
 
 def _backward_saving(ctx, grad_y, _grad_saved):
     x, ids, seed, *rest = ctx.saved_tensors
+    if grad_y is None:  # y itself reached the loss through nothing differentiable
+        return None, None, [None] * ctx.num_params, None, None, None, None
     params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
     grad_rows, grad_params = hgt_backward_saved(grad_y, x, ids, params, saved, ctx.config,
                                                 ctx.scale, seed, ctx.backend)

@@ -31,19 +31,63 @@ constexpr int64_t kBlockRows = 32;  // rows per work item: one block's rows stay
 
 inline int64_t num_blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
 
-// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (nullptr: identity).
+// A column map as contiguous runs: features [first, first + length) live at columns
+// [column, column + length). The split-and-mix and concat maps are a few long runs, so every
+// copy through a map is a handful of vectorized loops instead of one indexed access per feature.
+struct Run {
+  int64_t first, column, length;
+};
+
+inline std::vector<Run> runs_of(const int64_t* col, int64_t n) {
+  std::vector<Run> runs;
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t column = col ? col[f] : f;
+    if (!runs.empty() && runs.back().column + runs.back().length == column &&
+        runs.back().first + runs.back().length == f) {
+      ++runs.back().length;
+    } else {
+      runs.push_back({f, column, 1});
+    }
+  }
+  return runs;
+}
+
+// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (none: identity).
 template <typename T>
 struct Columns {
-  T* base;
-  int64_t ld;
-  const int64_t* col;
+  T* base = nullptr;
+  int64_t ld = 0;
+  std::vector<Run> runs;
   T* row(int64_t t) const { return base + t * ld; }
-  int64_t at(int64_t f) const { return col ? col[f] : f; }
 };
 
 template <typename T>
 Columns<T> columns(const at::Tensor& t, const std::vector<int64_t>* col = nullptr) {
-  return {t.data_ptr<T>(), t.size(1), col && !col->empty() ? col->data() : nullptr};
+  const bool mapped = col && !col->empty();
+  return {t.data_ptr<T>(), t.size(1), runs_of(mapped ? col->data() : nullptr,
+                                              mapped ? static_cast<int64_t>(col->size()) : t.size(1))};
+}
+
+// dst[run.column + i] = src[run.first + i] over the runs (a row stored through a map).
+template <typename D, typename S>
+inline void store_runs(D* dst, const S* src, const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    D* d = dst + r.column;
+    const S* s = src + r.first;
+#pragma omp simd
+    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
+  }
+}
+
+// dst[run.first + i] = src[run.column + i] (a row read through a map).
+template <typename D, typename S>
+inline void load_runs(D* dst, const S* src, const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    D* d = dst + r.first;
+    const S* s = src + r.column;
+#pragma omp simd
+    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
+  }
 }
 
 template <typename T>
@@ -82,12 +126,15 @@ inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
 // copies xs [rows, p] into the next layer's input.
 template <typename T>
 void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const at::Tensor& z,
-                      Columns<T> out, at::Tensor* pre, const at::Tensor* xs, Columns<T> x_out) {
+                      const Columns<T>& out, at::Tensor* pre, const at::Tensor* xs,
+                      const Columns<T>& x_out) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
+  const bool shuffled = plan.shuffled[l];
+  const bool add_bias = bias_in_epilogue(z.scalar_type());
   const T* zp = z.data_ptr<T>();
   const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
   const int64_t p = plan.p;
@@ -99,8 +146,18 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
     A* v = row.data();
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* zt = zp + t * w;
-      for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
-      if (prep) {
+      if (shuffled) {
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
+        if (add_bias)
+          for (int64_t f = 0; f < w; ++f) v[f] += A(lp.bias[perm[f]]);
+      } else if (add_bias) {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]) + A(lp.bias[f]);
+      } else {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]);
+      }
+      if (prep && (prep != zp || add_bias)) {  // pre may be z itself: then only the bias is new
         T* dst = prep + t * w;
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) dst[f] = T(v[f]);
@@ -122,18 +179,8 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) v[f] *= keep_scale;
       }
-      T* o = out.row(t);
-      if (out.col) {
-        for (int64_t f = 0; f < w; ++f) o[out.col[f]] = T(v[f]);
-      } else {
-#pragma omp simd
-        for (int64_t f = 0; f < w; ++f) o[f] = T(v[f]);
-      }
-      if (xsp) {
-        const T* xr = xsp + t * p;
-        T* xo = x_out.row(t);
-        for (int64_t k = 0; k < p; ++k) xo[x_out.at(k)] = xr[k];
-      }
+      store_runs(out.row(t), v, out.runs);
+      if (xsp) store_runs(x_out.row(t), xsp + t * p, x_out.runs);
     }
   });
 }
@@ -141,13 +188,14 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 // gh (gradient of the layer output, through a column map), pre [rows, w] -> gz [rows, w]
 // (pre-shuffle); writes the bias / norm gradients of the layer (grad_params entries).
 template <typename T>
-void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Columns<T> gh,
+void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const Columns<T>& gh,
                        const at::Tensor& pre, at::Tensor& gz, std::vector<at::Tensor>& grad_params) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
+  const bool shuffled = plan.shuffled[l];
   const T* prep = pre.data_ptr<T>();
   T* gzp = gz.data_ptr<T>();
   const uint32_t layer_hash = plan.dropout_on ? dropout_layer_hash(plan.seed, l) : 0;
@@ -167,12 +215,7 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
         const T* ght = gh.row(t);
         const T* pt = prep + t * w;
-        if (gh.col) {
-          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[gh.col[f]]);
-        } else {
-#pragma omp simd
-          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[f]);
-        }
+        load_runs(gr, ght, gh.runs);
         if (plan.dropout_on) {
           const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
           for (int64_t f = 0; f < w; ++f)
@@ -216,9 +259,17 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
           }
         }
         T* gzt = gzp + t * w;
-        for (int64_t f = 0; f < w; ++f) {
-          gzt[perm[f]] = T(gr[f]);
-          db[perm[f]] += gr[f];
+        if (shuffled) {
+          for (int64_t f = 0; f < w; ++f) {
+            gzt[perm[f]] = T(gr[f]);
+            db[perm[f]] += gr[f];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) {
+            gzt[f] = T(gr[f]);
+            db[f] += gr[f];
+          }
         }
       }
     }
@@ -246,17 +297,15 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
 
 // acc [rows, p] (compute type) += the stack-input columns of gu (the gradient of a layer input).
 template <typename T>
-void add_input_grad(const Plan& plan, Columns<T> gu, at::opmath_type<T>* acc) {
+void add_input_grad(const Plan& plan, const Columns<T>& gu, at::opmath_type<T>* acc) {
   const int64_t p = plan.p;
   at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* src = gu.row(t);
       auto* dst = acc + t * p;
-      if (gu.col) {
-        for (int64_t k = 0; k < p; ++k) dst[k] += src[gu.col[k]];
-      } else {
+      for (const Run& r : gu.runs) {
 #pragma omp simd
-        for (int64_t k = 0; k < p; ++k) dst[k] += src[k];
+        for (int64_t i = 0; i < r.length; ++i) dst[r.first + i] += src[r.column + i];
       }
     }
   });

@@ -228,6 +228,16 @@ def unavailable_reason() -> Optional[str]:
     return load_library().reason
 
 
+def table_grad(x: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """The dense gradient of a CPU table x from the gradient of its rows at ids, without a
+    table-sized zero fill (csrc/cpu/table_grad.cpp); None when the library is not loaded
+    already (this never starts a build) or x is not a contiguous 2-D CPU table."""
+    if _state is None or _state.reason is not None or x.device.type != "cpu" or x.dim() != 2 \
+            or not x.is_contiguous():
+        return None
+    return torch.ops.define_kernels_C.table_grad(grad_rows.to(x.dtype).contiguous(), ids, x.shape[0])
+
+
 # ----------------------------------------------------------------------------- fakes
 def check_cpp_args(x, ids, params, layers, dropout, seed) -> list:
     """Python mirror of checks.h (same arguments named, same exception types); returns the
@@ -309,6 +319,11 @@ def _register_fakes() -> None:
             raise ValueError(f"saved must hold tensors of shapes {expected}, got "
                              f"{[tuple(s.shape) for s in saved]}")
         return x.new_empty(rows, x.shape[1]), [torch.empty_like(p) for p in params]
+
+
+    @torch.library.register_fake(f"{EXT_NAME}::table_grad")
+    def _table_grad_fake(grad_rows, ids, num_rows):
+        return grad_rows.new_empty(num_rows, grad_rows.shape[1])
 
 
 def _saved_widths(table) -> List[int]:
