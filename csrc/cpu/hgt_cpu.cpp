@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -74,6 +75,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
                                 xs.options());
     at::Tensor pre = keep ? (z_is_pre ? z : at::empty_like(z)) : at::Tensor();
     const bool copy_x = !last && !plan.xcol[l + 1].empty();
+    RECORD_FUNCTION("define_kernels::cpu::epilogue_forward", {});  // a profiler scope
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_forward", [&] {
       const auto out = last ? columns<scalar_t>(next) : columns<scalar_t>(next, &plan.hcol[l + 1]);
       const auto x_out = copy_x ? columns<scalar_t>(next, &plan.xcol[l + 1]) : Columns<scalar_t>{};
@@ -120,6 +122,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
     const at::Tensor pre = saved[2 * l].to(in.compute).contiguous();
     const at::Tensor u = l > 0 ? saved[2 * l - 1].to(in.compute).contiguous() : xs;
     at::Tensor gz = scratch.rows_of(0, d.out_features);
+    RECORD_FUNCTION("define_kernels::cpu::epilogue_backward", {});  // a profiler scope
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_backward", [&] {
       const auto src = l == L - 1 ? columns<scalar_t>(gh) : columns<scalar_t>(gh, &plan.hcol[l + 1]);
       epilogue_backward<scalar_t>(plan, l, in.params, src, pre, gz, grad_params);
@@ -127,7 +130,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
     at::Tensor gu = scratch.rows_of(1 + l % 2, d.in_features);
     layer_gemm_backward(d, u, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
     if (l == 0 || !plan.xcol[l].empty()) {
-      DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
+      RECORD_FUNCTION("define_kernels::cpu::input_grad", {});  // a profiler scope
+    DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
         add_input_grad<scalar_t>(plan, l == 0 ? columns<scalar_t>(gu) : columns<scalar_t>(gu, &plan.xcol[l]),
                                  grad_acc.data_ptr<at::opmath_type<scalar_t>>());
       });

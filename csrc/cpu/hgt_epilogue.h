@@ -109,16 +109,16 @@ inline int64_t row_key(const Plan& plan, int64_t r) {
   return plan.ids.defined() ? plan.ids.data_ptr<int64_t>()[r] : r;
 }
 
-// Per-group mean and 1/std of v [c] (biased variance, eps 1e-5 as nn.LayerNorm).
-template <typename A>
-inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
+// Per-group mean and 1/std of v [c] in A (biased variance, eps 1e-5 as nn.LayerNorm).
+template <typename A, typename S>
+inline void group_stats(const S* v, int64_t c, A& mean, A& rstd) {
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < c; ++k) sum += v[k];
+  for (int64_t k = 0; k < c; ++k) sum += A(v[k]);
   mean = sum / A(c);
   A var = 0;
 #pragma omp simd reduction(+ : var)
-  for (int64_t k = 0; k < c; ++k) var += (v[k] - mean) * (v[k] - mean);
+  for (int64_t k = 0; k < c; ++k) var += (A(v[k]) - mean) * (A(v[k]) - mean);
   rstd = A(1) / std::sqrt(var / A(c) + A(1e-5));
 }
 
@@ -204,67 +204,74 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
   const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
   std::vector<A> partial(blocks * width, A(0));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> buf(3 * w), rstd_row(g);
-    A* gr = buf.data();        // gradient row
-    A* xh = gr + w;            // normalized row
-    A* act_in = xh + w;        // activation input
+    std::vector<A> buf(w);
+    A* gr = buf.data();  // gradient row
     for (int64_t b = b0; b < b1; ++b) {
       A* db = partial.data() + b * width;
       A* dgamma = db + w;
       A* dbeta = dgamma + c;
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
-        const T* ght = gh.row(t);
         const T* pt = prep + t * w;
-        load_runs(gr, ght, gh.runs);
+        T* gzt = gzp + t * w;
+        load_runs(gr, gh.row(t), gh.runs);
         if (plan.dropout_on) {
           const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
           for (int64_t f = 0; f < w; ++f)
             gr[f] = dropout_keep(rh, f, plan.threshold) ? gr[f] * keep_scale : A(0);
         }
-        if (d.has_norm) {
-          for (int64_t j = 0; j < g; ++j) {
-            A* xg = xh + j * c;
+        // From here each feature is touched by few fused loops: the normalized value and the
+        // activation input are recomputed from pre where needed instead of stored.
+        with_act(d.act, [&](auto act_kind) {
+          constexpr int64_t kAct = decltype(act_kind)::value;
+          if (!d.has_norm) {
 #pragma omp simd
-            for (int64_t k = 0; k < c; ++k) xg[k] = A(pt[j * c + k]);
-            A mean, rstd;
-            group_stats(xg, c, mean, rstd);
-            rstd_row[j] = rstd;
-#pragma omp simd
-            for (int64_t k = 0; k < c; ++k) {
-              xg[k] = (xg[k] - mean) * rstd;
-              act_in[j * c + k] = xg[k] * A(lp.gamma[k]) + A(lp.beta[k]);
-            }
+            for (int64_t f = 0; f < w; ++f) gr[f] = act_backward_element<kAct>(A(pt[f]), gr[f]);
+            return;
           }
-        } else {
-#pragma omp simd
-          for (int64_t f = 0; f < w; ++f) act_in[f] = A(pt[f]);
-        }
-        act_backward_row(d.act, act_in, gr, w);
-        if (d.has_norm) {
+          // Locals, not the captured references: stores through gg could alias those, and
+          // would then keep the loops from vectorizing.
+          const T* const gamma_p = lp.gamma;
+          const T* const beta_p = lp.beta;
+          A* const dgamma_p = dgamma;
+          A* const dbeta_p = dbeta;
           for (int64_t j = 0; j < g; ++j) {
-            const A* xg = xh + j * c;
+            const T* pg = pt + j * c;
             A* gg = gr + j * c;
+            A mean, rstd;
+            group_stats(pg, c, mean, rstd);
             A sum1 = 0, sum2 = 0;
 #pragma omp simd reduction(+ : sum1, sum2)
             for (int64_t k = 0; k < c; ++k) {
-              dgamma[k] += gg[k] * xg[k];
-              dbeta[k] += gg[k];
-              gg[k] *= A(lp.gamma[k]);
+              const A xhat = (A(pg[k]) - mean) * rstd, gamma = A(gamma_p[k]);
+              const A gk = act_backward_element<kAct>(xhat * gamma + A(beta_p[k]), gg[k]);
+              dgamma_p[k] += gk * xhat;
+              dbeta_p[k] += gk;
+              gg[k] = gk * gamma;
               sum1 += gg[k];
-              sum2 += gg[k] * xg[k];
+              sum2 += gg[k] * xhat;
             }
-            const A rstd = rstd_row[j], m1 = sum1 / A(c), m2 = sum2 / A(c);
+            const A m1 = sum1 / A(c), m2 = sum2 / A(c);
+            if (shuffled) {
 #pragma omp simd
-            for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - xg[k] * m2);
+              for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
+            } else {  // fused with the store: gz and the bias gradient
+              T* gzg = gzt + j * c;
+              A* dbg = db + j * c;
+#pragma omp simd
+              for (int64_t k = 0; k < c; ++k) {
+                const A v = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
+                gzg[k] = T(v);
+                dbg[k] += v;
+              }
+            }
           }
-        }
-        T* gzt = gzp + t * w;
+        });
         if (shuffled) {
           for (int64_t f = 0; f < w; ++f) {
             gzt[perm[f]] = T(gr[f]);
             db[perm[f]] += gr[f];
           }
-        } else {
+        } else if (!d.has_norm) {
 #pragma omp simd
           for (int64_t f = 0; f < w; ++f) {
             gzt[f] = T(gr[f]);

@@ -9,9 +9,12 @@
 // accumulation.
 #include <define_kernels/checks.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_unique2.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/index_add.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -19,6 +22,22 @@
 
 namespace define_kernels::cpu {
 namespace {
+
+// table[ids[t]] += rows[t] for every t, in t order (16-bit types: see table_grad_cpu). Threads split the columns, not the rows, so
+// repeated ids never race and the sums are the same for any thread count; each thread walks
+// every row's slice of its columns (contiguous, vectorized).
+template <typename T>
+void add_rows(T* table, const int64_t* ids, const T* rows, int64_t n, int64_t width) {
+  constexpr int64_t kColumnGrain = 64;
+  at::parallel_for(0, width, kColumnGrain, [&](int64_t c0, int64_t c1) {
+    for (int64_t t = 0; t < n; ++t) {
+      T* dst = table + ids[t] * width;
+      const T* src = rows + t * width;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+    }
+  });
+}
 
 at::Tensor table_grad_cpu(const at::Tensor& grad_rows, const at::Tensor& ids, int64_t num_rows) {
   DK_CHECK(grad_rows.dim() == 2, "grad_rows", "must be 2-D [rows, width], got ", grad_rows.dim(), " dims");
@@ -37,7 +56,27 @@ at::Tensor table_grad_cpu(const at::Tensor& grad_rows, const at::Tensor& ids, in
   if (data == nullptr) throw std::bad_alloc();
   at::Tensor table = at::from_blob(data, {num_rows, width}, [](void* p) { std::free(p); },
                                    grad_rows.options());
-  table.index_add_(0, ids, grad_rows);
+  const at::Tensor rows = grad_rows.contiguous();
+  const at::Tensor index = ids.to(at::kLong).contiguous();
+  if (rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf) {
+    // Sums per id in fp32, rounded once: compact per distinct id, then stored in the table.
+    auto [distinct, inverse, counts] = at::_unique2(index, /*sorted=*/true, /*return_inverse=*/true,
+                                                    /*return_counts=*/false);
+    at::Tensor sums = at::zeros({distinct.size(0), width}, rows.options().dtype(at::kFloat));
+    const at::Tensor rows_f = rows.to(at::kFloat);
+    add_rows(sums.data_ptr<float>(), inverse.data_ptr<int64_t>(), rows_f.data_ptr<float>(),
+             rows.size(0), width);
+    const at::Tensor rounded = sums.to(rows.scalar_type());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(rows.scalar_type(), "table_grad", [&] {
+      add_rows(table.data_ptr<scalar_t>(), distinct.data_ptr<int64_t>(), rounded.data_ptr<scalar_t>(),
+               distinct.size(0), width);
+    });
+    return table;
+  }
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "table_grad", [&] {
+    add_rows(table.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), rows.data_ptr<scalar_t>(),
+             rows.size(0), width);
+  });
   return table;
 }
 

@@ -228,14 +228,13 @@ def unavailable_reason() -> Optional[str]:
     return load_library().reason
 
 
-def table_grad(x: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
-    """The dense gradient of a CPU table x from the gradient of its rows at ids, without a
+def table_grad(num_rows: int, ids: torch.Tensor, grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """zeros [num_rows, width] + grad_rows at ids (summed per id) for CPU grad_rows, without a
     table-sized zero fill (csrc/cpu/table_grad.cpp); None when the library is not loaded
-    already (this never starts a build) or x is not a contiguous 2-D CPU table."""
-    if _state is None or _state.reason is not None or x.device.type != "cpu" or x.dim() != 2 \
-            or not x.is_contiguous():
+    already (this never starts a build) or grad_rows is not on the CPU."""
+    if _state is None or _state.reason is not None or grad_rows.device.type != "cpu":
         return None
-    return torch.ops.define_kernels_C.table_grad(grad_rows.to(x.dtype).contiguous(), ids, x.shape[0])
+    return torch.ops.define_kernels_C.table_grad(grad_rows, ids, num_rows)
 
 
 # ----------------------------------------------------------------------------- fakes
