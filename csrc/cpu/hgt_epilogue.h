@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace define_kernels::cpu {
@@ -204,14 +205,23 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
   const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
   std::vector<A> partial(blocks * width, A(0));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> buf(w);
-    A* gr = buf.data();  // gradient row
+    std::vector<A> buf(2 * w);
+    A* gr = buf.data();          // gradient row
+    A* pre_row = gr + w;         // the pre-norm row in A (16-bit types: converted once)
     for (int64_t b = b0; b < b1; ++b) {
       A* db = partial.data() + b * width;
       A* dgamma = db + w;
       A* dbeta = dgamma + c;
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
-        const T* pt = prep + t * w;
+        const A* pt;
+        if constexpr (std::is_same_v<A, T>) {
+          pt = prep + t * w;
+        } else {
+          const T* src = prep + t * w;
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) pre_row[f] = A(src[f]);
+          pt = pre_row;
+        }
         T* gzt = gzp + t * w;
         load_runs(gr, gh.row(t), gh.runs);
         if (plan.dropout_on) {
@@ -235,7 +245,7 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
           A* const dgamma_p = dgamma;
           A* const dbeta_p = dbeta;
           for (int64_t j = 0; j < g; ++j) {
-            const T* pg = pt + j * c;
+            const A* pg = pt + j * c;
             A* gg = gr + j * c;
             A mean, rstd;
             group_stats(pg, c, mean, rstd);

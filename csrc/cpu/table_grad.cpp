@@ -26,15 +26,15 @@ namespace {
 // table[ids[t]] += rows[t] for every t, in t order (16-bit types: see table_grad_cpu). Threads split the columns, not the rows, so
 // repeated ids never race and the sums are the same for any thread count; each thread walks
 // every row's slice of its columns (contiguous, vectorized).
-template <typename T>
-void add_rows(T* table, const int64_t* ids, const T* rows, int64_t n, int64_t width) {
+template <typename D, typename S>
+void add_rows(D* table, const int64_t* ids, const S* rows, int64_t n, int64_t width) {
   constexpr int64_t kColumnGrain = 64;
   at::parallel_for(0, width, kColumnGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t t = 0; t < n; ++t) {
-      T* dst = table + ids[t] * width;
-      const T* src = rows + t * width;
+      D* dst = table + ids[t] * width;
+      const S* src = rows + t * width;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+      for (int64_t c = c0; c < c1; ++c) dst[c] += D(src[c]);
     }
   });
 }
@@ -58,18 +58,27 @@ at::Tensor table_grad_cpu(const at::Tensor& grad_rows, const at::Tensor& ids, in
                                    grad_rows.options());
   const at::Tensor rows = grad_rows.contiguous();
   const at::Tensor index = ids.to(at::kLong).contiguous();
-  if (rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf) {
+  const bool half_precision = rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf;
+  if (half_precision && num_rows <= 4 * rows.size(0)) {
+    // Sums per id in fp32, rounded once; a small table (the dedup gather's) is summed whole.
+    at::Tensor sums = at::zeros({num_rows, width}, rows.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(rows.scalar_type(), "table_grad", [&] {
+      add_rows(sums.data_ptr<float>(), index.data_ptr<int64_t>(), rows.data_ptr<scalar_t>(),
+               rows.size(0), width);
+    });
+    table.copy_(sums);
+    return table;
+  }
+  if (half_precision) {
     // Sums per id in fp32, rounded once: compact per distinct id, then stored in the table.
     auto [distinct, inverse, counts] = at::_unique2(index, /*sorted=*/true, /*return_inverse=*/true,
                                                     /*return_counts=*/false);
     at::Tensor sums = at::zeros({distinct.size(0), width}, rows.options().dtype(at::kFloat));
-    const at::Tensor rows_f = rows.to(at::kFloat);
-    add_rows(sums.data_ptr<float>(), inverse.data_ptr<int64_t>(), rows_f.data_ptr<float>(),
-             rows.size(0), width);
-    const at::Tensor rounded = sums.to(rows.scalar_type());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(rows.scalar_type(), "table_grad", [&] {
-      add_rows(table.data_ptr<scalar_t>(), distinct.data_ptr<int64_t>(), rounded.data_ptr<scalar_t>(),
-               distinct.size(0), width);
+      add_rows(sums.data_ptr<float>(), inverse.data_ptr<int64_t>(), rows.data_ptr<scalar_t>(),
+               rows.size(0), width);
+      add_rows(table.data_ptr<scalar_t>(), distinct.data_ptr<int64_t>(), sums.data_ptr<float>(),
+               distinct.size(0), width);  // distinct ids: each row stored once (0 + sum, rounded)
     });
     return table;
   }
