@@ -1,7 +1,8 @@
 """The DeFINE stack written plainly in eager PyTorch, as the authors' code does it: gather,
 bmm per layer, cat for the split-and-mix skip, LayerNorm, GELU; autograd keeps every activation.
-The map table's gradient covers only the gathered rows (an index_select leaf), so the baseline
-does not pay a table-sized zero fill. A yardstick for the fused backends, not part of the library.
+The map table's gradient covers only the gathered rows: they are an autograd leaf (`rows`, its
+.grad after backward), so the baseline pays no table-sized gradient at all, while DeFINE returns
+the table's dense gradient. A yardstick for the fused backends, not part of the library.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ class PlainStack(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
-        x = self.map_weight.index_select(0, unique) * self.scale
+        self.rows = self.map_weight.detach().index_select(0, unique)
+        self.rows.requires_grad_(torch.is_grad_enabled() and self.map_weight.requires_grad)
+        x = self.rows * self.scale
         rows, h = x.shape[0], None
         for index, (spec, layer) in enumerate(zip(self.config.layers, self.layers)):
             g = spec.groups

@@ -7,6 +7,11 @@ out a step callable per mode.
                          backends_by_priority() is found generically, `torch` is the eager reference
     define-<b>-nodedup   the same without dedup
     define-<b>-sparse    DeFINE(sparse=True): SparseAdam on map_weight, AdamW on the rest
+    define-<b>-recompute the "recompute" activation policy (the default on CPU is "save")
+    define-<b>-autocast  fp32 parameters run under torch.autocast(bfloat16) (fp32 specs only)
+    plain-eager          bench/plain_stack.py: the stack written plainly in eager PyTorch, as
+                         the authors' code runs it (forward and forward+backward only: only the
+                         gathered rows get a gradient, so there is no train step)
     define-cache         DeFINE in eval from the inference cache (inference mode only)
     define-compile       the reference stack under torch.compile (dedup outside the graph)
     relative-<name>      define_kernels.relatives modules, when that package exists
@@ -172,11 +177,34 @@ def define_optimizers(module: DeFINE, sparse: bool) -> tuple:
     return [torch.optim.SparseAdam([module.map_weight], lr=1e-3), optimizer], "SparseAdam(map)+" + note
 
 
-def setup_define(spec: Spec, backend: str = "torch", dedup: bool = True, sparse: bool = False) -> Prepared:
-    module = build_define(spec, backend, dedup=dedup, sparse=sparse, cache=False)
+def setup_define(spec: Spec, backend: str = "torch", dedup: bool = True, sparse: bool = False,
+                 activations: str = "auto") -> Prepared:
+    module = build_define(spec, backend, dedup=dedup, sparse=sparse, cache=False, activations=activations)
     optimizers, note = define_optimizers(module, sparse)
     return Prepared(module, module, optimizers, note=note, stack_config=module.config,
                     table_dim=module.map_dim, dedup=dedup, sparse=sparse)
+
+
+def setup_define_autocast(spec: Spec, backend: str) -> Prepared:
+    if spec.dtype != torch.float32:
+        raise ProviderUnavailable(f"autocast runs fp32 parameters; this run's dtype is {spec.dtype}")
+    prepared = setup_define(spec, backend)
+    module, device_type = prepared.module, spec.device.type if isinstance(spec.device, torch.device) \
+        else torch.device(spec.device).type
+
+    def call(ids):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return module(ids)
+
+    return dataclasses.replace(prepared, call=call, note="torch.autocast(bfloat16); " + prepared.note)
+
+
+def setup_plain_eager(spec: Spec) -> Prepared:
+    from .plain_stack import PlainStack  # lazy: plain_stack imports define_kernels only
+    module = build_define(spec, "torch", cache=False)
+    return Prepared(module, PlainStack(module), [], modes=("forward", "forward_backward"),
+                    note="eager bmm/LayerNorm/GELU/cat, activations kept by autograd; gathered rows' gradient only",
+                    stack_config=module.config, table_dim=module.map_dim)
 
 
 def setup_define_cache(spec: Spec) -> Prepared:
@@ -254,6 +282,13 @@ def _backend_providers() -> List[Provider]:
             Provider(f"define-{name}-sparse", lambda s, n=name: setup_define(s, n, sparse=True),
                      f"DeFINE(sparse=True), backend {name}: SparseAdam on the map, AdamW on the rest",
                      unavailable),
+            Provider(f"define-{name}-recompute",
+                     lambda s, n=name: setup_define(s, n, activations=registry.RECOMPUTE),
+                     f"DeFINE, backend {name}, activation policy 'recompute' (backward reruns the forward)",
+                     unavailable),
+            Provider(f"define-{name}-autocast", lambda s, n=name: setup_define_autocast(s, n),
+                     f"DeFINE fp32 parameters, backend {name}, under torch.autocast(bfloat16)",
+                     lambda spec, name=name: backend_reason(name, spec._replace(dtype=torch.bfloat16))),
         ]
     return providers
 
@@ -307,6 +342,7 @@ def all_providers() -> List[Provider]:
     providers += [
         Provider("define-cache", setup_define_cache, "DeFINE eval, inference cache (auto backend)"),
         Provider("define-compile", setup_define_compile, "reference stack under torch.compile, dedup"),
+        Provider("plain-eager", setup_plain_eager, "the stack written plainly in eager PyTorch (bench/plain_stack.py)"),
     ]
     return providers + _relative_providers()
 

@@ -10,6 +10,8 @@
 // returns `saved` = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]: per layer l the pre-norm rows
 // pre_l [rows, w_l] (bias added, shuffled) and, for l >= 1, its input u_l [rows, a_l] (the
 // split-and-mix / concat of the stack input and the previous output, in grouped layout).
+// table_grad (CPU) is the autograd rules' scatter of per-row gradients into the table's dense
+// gradient (zeros [num_rows, width] + grad_rows at ids) without a table-sized zero fill.
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE
@@ -30,4 +32,5 @@ TORCH_LIBRARY(define_kernels_C, m) {
         "float dropout, float scale, int seed) -> (Tensor, Tensor[])");
   m.def("hgt_backward_saved(Tensor grad_y, Tensor x, Tensor? ids, Tensor[] params, Tensor[] saved, "
         "int[] layers, bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
+  m.def("table_grad(Tensor grad_rows, Tensor ids, int num_rows) -> Tensor");
 }

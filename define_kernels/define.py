@@ -224,7 +224,7 @@ class DeFINE(nn.Module):
             y = self.cache.lookup(flat, self._parameter_list(), self.num_embeddings, self._embed)
         elif self.dedup and flat.numel() > 0 and flat.device.type != "meta":
             unique, inverse = torch.unique(flat, return_inverse=True)  # range checked in _embed / the op
-            y = self._embed(unique)[inverse]
+            y = ops.gather_rows(self._embed(unique), inverse)  # backward: ops._rows_to_table
         else:
             y = self._embed(flat)
         return y.reshape(*ids.shape, self.embedding_dim)

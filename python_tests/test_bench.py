@@ -138,14 +138,16 @@ def test_benchmark_runs_every_provider_end_to_end(tmp_path, capsys):
     assert all(unavailable.values()), unavailable  # every provider not run says why
     listed = providers.all_providers()
     assert {"embedding", "embedding-sparse", "define-torch", "define-torch-nodedup",
-            "define-torch-sparse", "define-cache", "define-compile"} <= {p.name for p in listed}
+            "define-torch-sparse", "define-torch-recompute", "define-torch-autocast", "define-cache",
+            "define-compile", "plain-eager"} <= {p.name for p in listed}
     spec = providers.Spec(workloads.parse_workload(END_TO_END), torch.device("cpu"), torch.float32)
     for provider in listed:
         if provider.unavailable(spec) is not None:
             assert provider.name in unavailable  # a backend that cannot run here: reported with why
             continue
         modes = {r["mode"] for r in rows if r["provider"] == provider.name and r["metric"] == "time"}
-        expected = {"inference"} if provider.name == "define-cache" else set(metrics.MODES)
+        expected = {"define-cache": {"inference"}, "plain-eager": {"forward", "forward_backward"}}.get(
+            provider.name, set(metrics.MODES))
         assert modes == expected, provider.name
         assert f"| {provider.name} |" in printed
     times = [r for r in rows if r["metric"] == "time"]

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace define_kernels::cpu {
 
@@ -73,33 +74,31 @@ inline void act_forward_row(int64_t act, T* v, int64_t n) {
   }
 }
 
-// g[i] *= act'(pre[i]) where pre is the activation's input.
-template <typename T>
-inline void act_backward_row(int64_t act, const T* pre, T* g, int64_t n) {
-  const T half = T(0.5), one = T(1), rsqrt2 = T(M_SQRT1_2);
-  const T pdf_scale = T(M_2_SQRTPI * M_SQRT1_2 * 0.5);  // 1 / sqrt(2 pi)
+// g * act'(v) for one element, the activation fixed at compile time so a loop calling it
+// vectorizes (fused into the LayerNorm backward).
+template <int64_t kAct, typename T>
+inline T act_backward_element(T v, T g) {
+  if constexpr (kAct == kActGelu) {
+    const T cdf = T(0.5) * (T(1) + erf_vectorizable(v * T(M_SQRT1_2)));
+    return g * (cdf + v * T(M_2_SQRTPI * M_SQRT1_2 * 0.5) * exp_vectorizable(T(-0.5) * v * v));
+  } else if constexpr (kAct == kActRelu) {
+    return v > T(0) ? g : T(0);
+  } else if constexpr (kAct == kActSilu) {
+    const T s = T(1) / (T(1) + exp_vectorizable(-v));
+    return g * (s * (T(1) + v * (T(1) - s)));
+  } else {
+    return g;
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, act>{}) for the runtime activation code `act`.
+template <typename F>
+inline void with_act(int64_t act, F&& f) {
   switch (act) {
-    case kActGelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const T v = pre[i];
-        const T cdf = half * (one + erf_vectorizable(v * rsqrt2));
-        g[i] *= cdf + v * pdf_scale * exp_vectorizable(-half * v * v);
-      }
-      break;
-    case kActRelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) g[i] = pre[i] > T(0) ? g[i] : T(0);
-      break;
-    case kActSilu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const T s = one / (one + exp_vectorizable(-pre[i]));
-        g[i] *= s * (one + pre[i] * (one - s));
-      }
-      break;
-    default:
-      break;
+    case kActGelu: return f(std::integral_constant<int64_t, kActGelu>{});
+    case kActRelu: return f(std::integral_constant<int64_t, kActRelu>{});
+    case kActSilu: return f(std::integral_constant<int64_t, kActSilu>{});
+    default: return f(std::integral_constant<int64_t, kActNone>{});
   }
 }
 

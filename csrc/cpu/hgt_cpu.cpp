@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -61,17 +62,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
   const int64_t L = static_cast<int64_t>(plan.layers.size());
   const at::Tensor xs = gather_input(in.x, plan).to(in.compute);
   std::vector<at::Tensor> saved;
+  ScratchRows scratch(plan.rows, xs.options());  // GEMM outputs that are not kept
   at::Tensor u = xs;
   at::Tensor xstack = xs;  // the x of the skip reads: x' once the in-proj has run
   for (int64_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
-    at::Tensor z = at::empty({plan.rows, d.out_features}, xs.options());
+    // Kept and unshuffled, the GEMM output is the saved pre-norm buffer itself (the epilogue
+    // adds the bias in place); otherwise it is scratch shared by every layer.
+    const bool z_is_pre = keep && !plan.shuffled[l];
+    at::Tensor z = z_is_pre ? at::empty({plan.rows, d.out_features}, xs.options())
+                            : scratch.rows_of(0, d.out_features);
     layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
     const bool last = l == L - 1;
     at::Tensor next = at::empty({plan.rows, last ? d.out_features : plan.layers[l + 1].in_features},
                                 xs.options());
-    at::Tensor pre = keep ? at::empty_like(z) : at::Tensor();
+    at::Tensor pre = keep ? (z_is_pre ? z : at::empty_like(z)) : at::Tensor();
     const bool copy_x = !last && !plan.xcol[l + 1].empty();
+    RECORD_FUNCTION("define_kernels::cpu::epilogue_forward", {});  // a profiler scope
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_forward", [&] {
       const auto out = last ? columns<scalar_t>(next) : columns<scalar_t>(next, &plan.hcol[l + 1]);
       const auto x_out = copy_x ? columns<scalar_t>(next, &plan.xcol[l + 1]) : Columns<scalar_t>{};
@@ -114,6 +121,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
   at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
   at::Tensor gh = grad_y.to(in.compute).contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
   at::Tensor grad_rows;
+  ScratchRows scratch(plan.rows, xs.options());  // slot 0: gz; slots 1, 2: gu, alternating
   for (int64_t l = L - 1; l >= 0; --l) {
     const auto& d = plan.layers[l];
     const bool in_proj = l == 0 && plan.in_proj;
@@ -121,16 +129,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
       gh = grad_acc.add_(gh.to(acc_type)).to(in.compute).contiguous();
     const at::Tensor pre = saved[2 * l].to(in.compute).contiguous();
     const at::Tensor u = l > 0 ? saved[2 * l - 1].to(in.compute).contiguous() : xs;
-    at::Tensor gz = at::empty_like(pre);
+    at::Tensor gz = scratch.rows_of(0, d.out_features);
+    RECORD_FUNCTION("define_kernels::cpu::epilogue_backward", {});  // a profiler scope
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_backward", [&] {
       const auto src = l == L - 1 ? columns<scalar_t>(gh) : columns<scalar_t>(gh, &plan.hcol[l + 1]);
       epilogue_backward<scalar_t>(plan, l, in.params, src, pre, gz, grad_params);
     });
-    at::Tensor gu = at::empty_like(u);
+    at::Tensor gu = scratch.rows_of(1 + l % 2, d.in_features);
     layer_gemm_backward(d, u, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
     if (in_proj) {
-      grad_rows = gu.to(acc_type);
+      grad_rows = gu.to(acc_type, /*non_blocking=*/false, /*copy=*/true);  // gu is call scratch
     } else if (l == 0 || !plan.xcol[l].empty()) {
+      RECORD_FUNCTION("define_kernels::cpu::input_grad", {});  // a profiler scope
       DK_DISPATCH(xs.scalar_type(), "hgt_input_grad", [&] {
         add_input_grad<scalar_t>(plan, l == 0 ? columns<scalar_t>(gu) : columns<scalar_t>(gu, &plan.xcol[l]),
                                  grad_acc.data_ptr<at::opmath_type<scalar_t>>());

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace define_kernels::cpu {
@@ -31,19 +32,63 @@ constexpr int64_t kBlockRows = 32;  // rows per work item: one block's rows stay
 
 inline int64_t num_blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
 
-// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (nullptr: identity).
+// A column map as contiguous runs: features [first, first + length) live at columns
+// [column, column + length). The split-and-mix and concat maps are a few long runs, so every
+// copy through a map is a handful of vectorized loops instead of one indexed access per feature.
+struct Run {
+  int64_t first, column, length;
+};
+
+inline std::vector<Run> runs_of(const int64_t* col, int64_t n) {
+  std::vector<Run> runs;
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t column = col ? col[f] : f;
+    if (!runs.empty() && runs.back().column + runs.back().length == column &&
+        runs.back().first + runs.back().length == f) {
+      ++runs.back().length;
+    } else {
+      runs.push_back({f, column, 1});
+    }
+  }
+  return runs;
+}
+
+// Rows of a [rows, ld] buffer seen as [rows, w] through a column map (none: identity).
 template <typename T>
 struct Columns {
-  T* base;
-  int64_t ld;
-  const int64_t* col;
+  T* base = nullptr;
+  int64_t ld = 0;
+  std::vector<Run> runs;
   T* row(int64_t t) const { return base + t * ld; }
-  int64_t at(int64_t f) const { return col ? col[f] : f; }
 };
 
 template <typename T>
 Columns<T> columns(const at::Tensor& t, const std::vector<int64_t>* col = nullptr) {
-  return {t.data_ptr<T>(), t.size(1), col && !col->empty() ? col->data() : nullptr};
+  const bool mapped = col && !col->empty();
+  return {t.data_ptr<T>(), t.size(1), runs_of(mapped ? col->data() : nullptr,
+                                              mapped ? static_cast<int64_t>(col->size()) : t.size(1))};
+}
+
+// dst[run.column + i] = src[run.first + i] over the runs (a row stored through a map).
+template <typename D, typename S>
+inline void store_runs(D* dst, const S* src, const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    D* d = dst + r.column;
+    const S* s = src + r.first;
+#pragma omp simd
+    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
+  }
+}
+
+// dst[run.first + i] = src[run.column + i] (a row read through a map).
+template <typename D, typename S>
+inline void load_runs(D* dst, const S* src, const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    D* d = dst + r.first;
+    const S* s = src + r.column;
+#pragma omp simd
+    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
+  }
 }
 
 template <typename T>
@@ -65,16 +110,16 @@ inline int64_t row_key(const Plan& plan, int64_t r) {
   return plan.ids.defined() ? plan.ids.data_ptr<int64_t>()[r] : r;
 }
 
-// Per-group mean and 1/std of v [c] (biased variance, eps 1e-5 as nn.LayerNorm).
-template <typename A>
-inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
+// Per-group mean and 1/std of v [c] in A (biased variance, eps 1e-5 as nn.LayerNorm).
+template <typename A, typename S>
+inline void group_stats(const S* v, int64_t c, A& mean, A& rstd) {
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < c; ++k) sum += v[k];
+  for (int64_t k = 0; k < c; ++k) sum += A(v[k]);
   mean = sum / A(c);
   A var = 0;
 #pragma omp simd reduction(+ : var)
-  for (int64_t k = 0; k < c; ++k) var += (v[k] - mean) * (v[k] - mean);
+  for (int64_t k = 0; k < c; ++k) var += (A(v[k]) - mean) * (A(v[k]) - mean);
   rstd = A(1) / std::sqrt(var / A(c) + A(1e-5));
 }
 
@@ -82,12 +127,15 @@ inline void group_stats(const A* v, int64_t c, A& mean, A& rstd) {
 // copies xs [rows, p] into the next layer's input.
 template <typename T>
 void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const at::Tensor& z,
-                      Columns<T> out, at::Tensor* pre, const at::Tensor* xs, Columns<T> x_out) {
+                      const Columns<T>& out, at::Tensor* pre, const at::Tensor* xs,
+                      const Columns<T>& x_out) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
+  const bool shuffled = plan.shuffled[l];
+  const bool add_bias = bias_in_epilogue(z.scalar_type());
   const T* zp = z.data_ptr<T>();
   const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
   const int64_t p = plan.p;
@@ -100,8 +148,18 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
     A* v = row.data();
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* zt = zp + t * w;
-      for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
-      if (prep) {
+      if (shuffled) {
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
+        if (add_bias)
+          for (int64_t f = 0; f < w; ++f) v[f] += A(lp.bias[perm[f]]);
+      } else if (add_bias) {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]) + A(lp.bias[f]);
+      } else {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]);
+      }
+      if (prep && (prep != zp || add_bias)) {  // pre may be z itself: then only the bias is new
         T* dst = prep + t * w;
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) dst[f] = T(v[f]);
@@ -123,18 +181,8 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) v[f] *= keep_scale;
       }
-      T* o = out.row(t);
-      if (out.col) {
-        for (int64_t f = 0; f < w; ++f) o[out.col[f]] = T(v[f]);
-      } else {
-#pragma omp simd
-        for (int64_t f = 0; f < w; ++f) o[f] = T(v[f]);
-      }
-      if (xsp) {
-        const T* xr = xsp + t * p;
-        T* xo = x_out.row(t);
-        for (int64_t k = 0; k < p; ++k) xo[x_out.at(k)] = xr[k];
-      }
+      store_runs(out.row(t), v, out.runs);
+      if (xsp) store_runs(x_out.row(t), xsp + t * p, x_out.runs);
     }
   });
 }
@@ -142,13 +190,14 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 // gh (gradient of the layer output, through a column map), pre [rows, w] -> gz [rows, w]
 // (pre-shuffle); writes the bias / norm gradients of the layer (grad_params entries).
 template <typename T>
-void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Columns<T> gh,
+void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const Columns<T>& gh,
                        const at::Tensor& pre, at::Tensor& gz, std::vector<at::Tensor>& grad_params) {
   using A = at::opmath_type<T>;
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
   const int64_t* perm = plan.perm[l].data();
+  const bool shuffled = plan.shuffled[l];
   const T* prep = pre.data_ptr<T>();
   T* gzp = gz.data_ptr<T>();
   const LayerDropout& drop = plan.drop[l];
@@ -158,69 +207,88 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
   const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
   std::vector<A> partial(blocks * width, A(0));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> buf(3 * w), rstd_row(g);
-    A* gr = buf.data();        // gradient row
-    A* xh = gr + w;            // normalized row
-    A* act_in = xh + w;        // activation input
+    std::vector<A> buf(2 * w);
+    A* gr = buf.data();          // gradient row
+    A* pre_row = gr + w;         // the pre-norm row in A (16-bit types: converted once)
     for (int64_t b = b0; b < b1; ++b) {
       A* db = partial.data() + b * width;
       A* dgamma = db + w;
       A* dbeta = dgamma + c;
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
-        const T* ght = gh.row(t);
-        const T* pt = prep + t * w;
-        if (gh.col) {
-          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[gh.col[f]]);
+        const A* pt;
+        if constexpr (std::is_same_v<A, T>) {
+          pt = prep + t * w;
         } else {
+          const T* src = prep + t * w;
 #pragma omp simd
-          for (int64_t f = 0; f < w; ++f) gr[f] = A(ght[f]);
+          for (int64_t f = 0; f < w; ++f) pre_row[f] = A(src[f]);
+          pt = pre_row;
         }
+        T* gzt = gzp + t * w;
+        load_runs(gr, gh.row(t), gh.runs);
         if (drop.on) {
           const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
           for (int64_t f = 0; f < w; ++f)
             gr[f] = dropout_keep(rh, f, drop.threshold) ? gr[f] * keep_scale : A(0);
         }
-        if (d.has_norm) {
-          for (int64_t j = 0; j < g; ++j) {
-            A* xg = xh + j * c;
+        // From here each feature is touched by few fused loops: the normalized value and the
+        // activation input are recomputed from pre where needed instead of stored.
+        with_act(d.act, [&](auto act_kind) {
+          constexpr int64_t kAct = decltype(act_kind)::value;
+          if (!d.has_norm) {
 #pragma omp simd
-            for (int64_t k = 0; k < c; ++k) xg[k] = A(pt[j * c + k]);
-            A mean, rstd;
-            group_stats(xg, c, mean, rstd);
-            rstd_row[j] = rstd;
-#pragma omp simd
-            for (int64_t k = 0; k < c; ++k) {
-              xg[k] = (xg[k] - mean) * rstd;
-              act_in[j * c + k] = xg[k] * A(lp.gamma[k]) + A(lp.beta[k]);
-            }
+            for (int64_t f = 0; f < w; ++f) gr[f] = act_backward_element<kAct>(A(pt[f]), gr[f]);
+            return;
           }
-        } else {
-#pragma omp simd
-          for (int64_t f = 0; f < w; ++f) act_in[f] = A(pt[f]);
-        }
-        act_backward_row(d.act, act_in, gr, w);
-        if (d.has_norm) {
+          // Locals, not the captured references: stores through gg could alias those, and
+          // would then keep the loops from vectorizing.
+          const T* const gamma_p = lp.gamma;
+          const T* const beta_p = lp.beta;
+          A* const dgamma_p = dgamma;
+          A* const dbeta_p = dbeta;
           for (int64_t j = 0; j < g; ++j) {
-            const A* xg = xh + j * c;
+            const A* pg = pt + j * c;
             A* gg = gr + j * c;
+            A mean, rstd;
+            group_stats(pg, c, mean, rstd);
             A sum1 = 0, sum2 = 0;
 #pragma omp simd reduction(+ : sum1, sum2)
             for (int64_t k = 0; k < c; ++k) {
-              dgamma[k] += gg[k] * xg[k];
-              dbeta[k] += gg[k];
-              gg[k] *= A(lp.gamma[k]);
+              const A xhat = (A(pg[k]) - mean) * rstd, gamma = A(gamma_p[k]);
+              const A gk = act_backward_element<kAct>(xhat * gamma + A(beta_p[k]), gg[k]);
+              dgamma_p[k] += gk * xhat;
+              dbeta_p[k] += gk;
+              gg[k] = gk * gamma;
               sum1 += gg[k];
-              sum2 += gg[k] * xg[k];
+              sum2 += gg[k] * xhat;
             }
-            const A rstd = rstd_row[j], m1 = sum1 / A(c), m2 = sum2 / A(c);
+            const A m1 = sum1 / A(c), m2 = sum2 / A(c);
+            if (shuffled) {
 #pragma omp simd
-            for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - xg[k] * m2);
+              for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
+            } else {  // fused with the store: gz and the bias gradient
+              T* gzg = gzt + j * c;
+              A* dbg = db + j * c;
+#pragma omp simd
+              for (int64_t k = 0; k < c; ++k) {
+                const A v = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
+                gzg[k] = T(v);
+                dbg[k] += v;
+              }
+            }
           }
-        }
-        T* gzt = gzp + t * w;
-        for (int64_t f = 0; f < w; ++f) {
-          gzt[perm[f]] = T(gr[f]);
-          db[perm[f]] += gr[f];
+        });
+        if (shuffled) {
+          for (int64_t f = 0; f < w; ++f) {
+            gzt[perm[f]] = T(gr[f]);
+            db[perm[f]] += gr[f];
+          }
+        } else if (!d.has_norm) {
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) {
+            gzt[f] = T(gr[f]);
+            db[f] += gr[f];
+          }
         }
       }
     }
@@ -248,17 +316,15 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, Colum
 
 // acc [rows, p] (compute type) += the stack-input columns of gu (the gradient of a layer input).
 template <typename T>
-void add_input_grad(const Plan& plan, Columns<T> gu, at::opmath_type<T>* acc) {
+void add_input_grad(const Plan& plan, const Columns<T>& gu, at::opmath_type<T>* acc) {
   const int64_t p = plan.p;
   at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* src = gu.row(t);
       auto* dst = acc + t * p;
-      if (gu.col) {
-        for (int64_t k = 0; k < p; ++k) dst[k] += src[gu.col[k]];
-      } else {
+      for (const Run& r : gu.runs) {
 #pragma omp simd
-        for (int64_t k = 0; k < p; ++k) dst[k] += src[k];
+        for (int64_t i = 0; i < r.length; ++i) dst[r.first + i] += src[r.column + i];
       }
     }
   });

@@ -3,6 +3,7 @@
 
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
 #include <numeric>
@@ -55,12 +56,20 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
     const int64_t g = d.groups, c = d.out_per_group();
     for (int64_t f = 0; f < d.out_features; ++f) perm[f] = shuffle ? (f % g) * c + f / g : f;
     plan.perm.push_back(std::move(perm));
+    plan.shuffled.push_back(shuffle && g > 1);
   }
   plan.scale = scale;
   for (const auto& d : plan.layers)  // per layer: the in-proj has its own p
     plan.drop.push_back({seed >= 0 && d.dropout > 0.0, dropout_threshold(d.dropout), 1.0 / (1.0 - d.dropout)});
   plan.seed = seed;
   return plan;
+}
+
+at::Tensor ScratchRows::rows_of(size_t slot, int64_t width) {
+  if (slots_.size() <= slot) slots_.resize(slot + 1);
+  at::Tensor& buffer = slots_[slot];
+  if (!buffer.defined() || buffer.numel() < rows_ * width) buffer = at::empty({rows_ * width}, options_);
+  return buffer.narrow(0, 0, rows_ * width).view({rows_, width});
 }
 
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
@@ -72,10 +81,14 @@ at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
 void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& z) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
+  const bool with_bias = !bias_in_epilogue(z.scalar_type());
   for (int64_t j = 0; j < d.groups; ++j) {
     at::Tensor z_j = z.narrow(1, j * c, c);
-    // Bias inside the GEMM (beta = 1): one rounding in bf16/fp16, as the reference's baddbmm.
-    at::addmm_out(z_j, bias[j], u.narrow(1, j * ag, ag), weight[j]);
+    if (with_bias) {
+      at::addmm_out(z_j, bias[j], u.narrow(1, j * ag, ag), weight[j]);
+    } else {
+      at::mm_out(z_j, u.narrow(1, j * ag, ag), weight[j]);
+    }
   }
 }
 

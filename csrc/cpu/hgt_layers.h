@@ -32,6 +32,7 @@ struct Plan {
   // [layer]: column of u_l holding column k of xs (empty: no skip) / column k of h_{l-1}.
   std::vector<std::vector<int64_t>> xcol, hcol;
   std::vector<std::vector<int64_t>> perm;  // [layer]: output position -> pre-shuffle position
+  std::vector<bool> shuffled;              // [layer]: perm is not the identity
   int64_t rows = 0, p = 0;  // p: width of the stack input x the layers >= 1 read
   bool in_proj = false;     // layer 0 is the in-proj: x' (its output) replaces xs for later layers
   double scale = 1.0;
@@ -41,6 +42,26 @@ struct Plan {
 
 Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::TensorList params,
                c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed);
+
+// Reusable [rows, width] buffers for one op call: slot k grows to the widest request and hands
+// out contiguous views, so the layer loop does not allocate (and page-fault) a buffer per layer.
+class ScratchRows {
+ public:
+  ScratchRows(int64_t rows, at::TensorOptions options) : rows_(rows), options_(options) {}
+  at::Tensor rows_of(size_t slot, int64_t width);
+
+ private:
+  int64_t rows_;
+  at::TensorOptions options_;
+  std::vector<at::Tensor> slots_;
+};
+
+// fp32/fp64 GEMMs leave the bias to the epilogue (a free add there, no broadcast copy before
+// the GEMM); bf16/fp16 GEMMs add it themselves (beta = 1), rounding once as the reference's
+// baddbmm does.
+inline bool bias_in_epilogue(at::ScalarType compute) {
+  return compute == at::kFloat || compute == at::kDouble;
+}
 
 // The stack input rows: x gathered by ids (or x itself), times scale; [rows, p] contiguous.
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan);

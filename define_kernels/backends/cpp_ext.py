@@ -239,6 +239,15 @@ def unavailable_reason() -> Optional[str]:
     return load_library().reason
 
 
+def table_grad(num_rows: int, ids: torch.Tensor, grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """zeros [num_rows, width] + grad_rows at ids (summed per id) for CPU grad_rows, without a
+    table-sized zero fill (csrc/cpu/table_grad.cpp); None when the library is not loaded
+    already (this never starts a build) or grad_rows is not on the CPU."""
+    if _state is None or _state.reason is not None or grad_rows.device.type != "cpu":
+        return None
+    return torch.ops.define_kernels_C.table_grad(grad_rows, ids, num_rows)
+
+
 # ----------------------------------------------------------------------------- fakes
 def check_cpp_args(x, ids, params, layers, dropout, seed, allow_in_proj=True) -> list:
     """Python mirror of checks.h (same arguments named, same exception types); returns the
@@ -329,6 +338,11 @@ def _register_fakes() -> None:
             raise ValueError(f"saved must hold tensors of shapes {expected}, got "
                              f"{[tuple(s.shape) for s in saved]}")
         return x.new_empty(rows, x.shape[1]), [p.new_empty(p.shape) for p in params]
+
+
+    @torch.library.register_fake(f"{EXT_NAME}::table_grad")
+    def _table_grad_fake(grad_rows, ids, num_rows):
+        return grad_rows.new_empty(num_rows, grad_rows.shape[1])
 
 
 def _saved_widths(table) -> List[int]:
