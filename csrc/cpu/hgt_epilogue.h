@@ -14,6 +14,7 @@
 
 #include "activations.h"
 #include "hgt_layers.h"
+#include "storage_cast.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -76,7 +77,7 @@ inline void store_runs(D* dst, const S* src, const std::vector<Run>& runs) {
     D* d = dst + r.column;
     const S* s = src + r.first;
 #pragma omp simd
-    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
+    for (int64_t i = 0; i < r.length; ++i) d[i] = to_storage<D>(s[i]);
   }
 }
 
@@ -162,7 +163,7 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
       if (prep && (prep != zp || add_bias)) {  // pre may be z itself: then only the bias is new
         T* dst = prep + t * w;
 #pragma omp simd
-        for (int64_t f = 0; f < w; ++f) dst[f] = T(v[f]);
+        for (int64_t f = 0; f < w; ++f) dst[f] = to_storage<T>(v[f]);
       }
       if (d.has_norm) {
         for (int64_t j = 0; j < g; ++j) {
@@ -272,7 +273,7 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
 #pragma omp simd
               for (int64_t k = 0; k < c; ++k) {
                 const A v = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
-                gzg[k] = T(v);
+                gzg[k] = to_storage<T>(v);
                 dbg[k] += v;
               }
             }
@@ -280,13 +281,13 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
         });
         if (shuffled) {
           for (int64_t f = 0; f < w; ++f) {
-            gzt[perm[f]] = T(gr[f]);
+            gzt[perm[f]] = to_storage<T>(gr[f]);
             db[perm[f]] += gr[f];
           }
         } else if (!d.has_norm) {
 #pragma omp simd
           for (int64_t f = 0; f < w; ++f) {
-            gzt[f] = T(gr[f]);
+            gzt[f] = to_storage<T>(gr[f]);
             db[f] += gr[f];
           }
         }

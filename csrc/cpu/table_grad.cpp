@@ -7,9 +7,12 @@
 // page on first touch, so only the pages holding the batch's rows are ever written. The result
 // is an ordinary CPU tensor (freed with std::free), usable in place by optimizers and later
 // accumulation.
+#include "storage_cast.h"
+
 #include <define_kernels/checks.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_unique2.h>
@@ -28,13 +31,14 @@ namespace {
 // every row's slice of its columns (contiguous, vectorized).
 template <typename D, typename S>
 void add_rows(D* table, const int64_t* ids, const S* rows, int64_t n, int64_t width) {
+  using Acc = at::opmath_type<D>;
   constexpr int64_t kColumnGrain = 64;
   at::parallel_for(0, width, kColumnGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t t = 0; t < n; ++t) {
       D* dst = table + ids[t] * width;
       const S* src = rows + t * width;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) dst[c] += D(src[c]);
+      for (int64_t c = c0; c < c1; ++c) dst[c] = to_storage<D>(Acc(dst[c]) + Acc(src[c]));
     }
   });
 }
