@@ -1,7 +1,6 @@
 """The C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
 argument errors, determinism. The build is shared by the whole session (cached on disk) and must
 succeed: a failed build fails here, unless DEFINE_KERNELS_NO_JIT=1 asked for no build."""
-import os
 import re
 
 import pytest
@@ -11,19 +10,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from define_kernels import ops, reference
 from define_kernels.backends import cpp_ext
 from define_kernels.config import HGTConfig
-import expectations
 from tolerances import assert_close, assert_low_precision_close
 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def built():
-    state = cpp_ext.load_library()
-    if state.reason and os.environ.get(cpp_ext.ENV_NO_JIT, "0") not in ("", "0") \
-            and not expectations.is_expected("cpu_cpp"):
-        pytest.skip(f"C++ extension not loaded: {state.reason}")
-    assert state.reason is None, f"C++ extension failed to build/load: {state.reason}"
-    return state
+def built(cpp_extension):
+    return cpp_extension
 
 
 def make_params(config, dtype=torch.float64):

@@ -1,23 +1,17 @@
 """The map table's gradient without a table-sized zero fill (csrc/cpu/table_grad.cpp): equal to
 zeros + index_add for every dtype, repeated ids and empty batches; bad inputs named; the path the
 autograd rules take on CPU, and the one `PlainStack` (bench) leaves out."""
-import os
 
 import pytest
 import torch
 
 from define_kernels import DeFINE, ops
 from define_kernels.backends import cpp_ext
-import expectations
 
 
 @pytest.fixture(scope="module", autouse=True)
-def built():
-    state = cpp_ext.load_library()
-    if state.reason and os.environ.get(cpp_ext.ENV_NO_JIT, "0") not in ("", "0") \
-            and not expectations.is_expected("cpu_cpp"):
-        pytest.skip(f"C++ extension not loaded: {state.reason}")
-    assert state.reason is None, f"C++ extension failed to build/load: {state.reason}"
+def built(cpp_extension):
+    return cpp_extension
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
