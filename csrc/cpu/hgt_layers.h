@@ -19,13 +19,14 @@
 
 namespace define_kernels::cpu {
 
-// Everything one op call shares; built once per call by make_plan.
+// One layer's dropout (the in-proj has its own probability).
 struct LayerDropout {
   bool on = false;
   uint32_t threshold = 0;
   double keep_scale = 1.0;
 };
 
+// Everything one op call shares; built once per call by make_plan.
 struct Plan {
   std::vector<LayerDesc> layers;
   std::vector<LayerDropout> drop;  // [layer]
