@@ -248,7 +248,7 @@ def _setup_context_saving(ctx, inputs, output):
 def _backward_saving(ctx, grad_y, _grad_saved):
     x, ids, seed, *rest = ctx.saved_tensors
     if grad_y is None:  # y itself reached the loss through nothing differentiable
-        return None, None, [None] * ctx.num_params, None, None, None, None
+        return _grads_per_input(ctx, None, [None] * ctx.num_params)
     params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
     grad_rows, grad_params = hgt_backward_saved(grad_y, x, ids, params, saved, ctx.config,
                                                 ctx.scale, seed, ctx.backend)
