@@ -1,15 +1,16 @@
 // The fused per-layer passes of the CPU stack, over blocks of rows in parallel.
 //
-// Forward, per row: v = z[perm] (the GEMM output with bias, shuffle folded into the read);
-// LayerNorm per group with statistics in the
-// compute type (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store
-// into the next layer's input buffer at its column map (hgt_layers.h), beside a copy of the
+// Forward, per row: v = z[perm] + bias (shuffle folded into the read; bf16 GEMMs added the bias
+// themselves, see bias_in_epilogue); LayerNorm per group with statistics in the compute type
+// (float for fp32/bf16/fp16, double for fp64); activation; hashed dropout; one store into the
+// next layer's input buffer through its column map's runs (hgt_layers.h), beside a copy of the
 // stack input's row.
-// With `keep` the pre-norm row v is stored too: it is all the backward needs besides the
-// layer inputs (LN statistics are recomputed from it, cheaply, in the same pass).
-// Backward, per row: dropout mask, activation derivative, LN backward, store gz at the
-// pre-shuffle positions; bias and norm-affine gradients go to per-block partial sums that are
-// added in block order afterwards (fixed order: deterministic for any thread count).
+// With `keep` the pre-norm row v is stored too (in place when z is the kept buffer): it is all
+// the backward needs besides the layer inputs (LN statistics are recomputed from it).
+// Backward, per row: dropout mask, then per LN group one fused pass (x-hat recomputed from pre,
+// activation derivative, LN backward sums) and one that stores gz at the pre-shuffle positions;
+// bias and norm-affine gradients go to per-block partial sums that are added in block order
+// afterwards (fixed order: deterministic for any thread count).
 #pragma once
 
 #include "activations.h"

@@ -3,8 +3,9 @@
 //
 // torch.zeros writes every byte of the table on every backward (at V = 267,735, n = 128: 137 MB,
 // most of it page faults on a fresh buffer) although a batch touches a few thousand rows. Here the
-// zeros come from calloc: a request this large is a fresh mapping the kernel zero-fills page by
-// page on first touch, so only the pages holding the batch's rows are ever written. The result
+// zeros come from calloc: a table-sized request is a fresh mapping the kernel zero-fills page by
+// page on first touch, so only the pages holding the batch's rows are ever written (a small
+// request is an ordinary zeroed heap block). The result
 // is an ordinary CPU tensor (freed with std::free), usable in place by optimizers and later
 // accumulation.
 #include "storage_cast.h"
@@ -26,9 +27,9 @@
 namespace define_kernels::cpu {
 namespace {
 
-// table[ids[t]] += rows[t] for every t, in t order (16-bit types: see table_grad_cpu). Threads split the columns, not the rows, so
-// repeated ids never race and the sums are the same for any thread count; each thread walks
-// every row's slice of its columns (contiguous, vectorized).
+// table[ids[t]] += rows[t] for every t, in t order (16-bit tables: see table_grad_cpu). Threads
+// split the columns, not the rows, so repeated ids never race and the sums are the same for any
+// thread count; each thread walks every row's slice of its columns (contiguous, vectorized).
 template <typename D, typename S>
 void add_rows(D* table, const int64_t* ids, const S* rows, int64_t n, int64_t width) {
   using Acc = at::opmath_type<D>;
