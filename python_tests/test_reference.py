@@ -11,22 +11,14 @@ import torch
 from torch import nn
 
 from define_kernels import HGT, DeFINE, HGTConfig, hgt, reference
+from plain_dropout_hash import draw24
 from tolerances import assert_close
 
 # ------------------------------------------------------------------------- naive reading of docs/math.md
 
 
-def _fmix32(h):
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
 def naive_keep(seed, layer, row_key, feature, p):
-    draw = _fmix32(_fmix32(_fmix32(seed ^ _fmix32(layer)) ^ row_key) ^ feature) >> 8
-    return draw >= int(p * 2**24)
+    return draw24(seed, layer, row_key, feature) >= int(p * 2**24)
 
 
 def naive_input_indices(kind, p, prev_width, groups):

@@ -8,6 +8,7 @@ import torch
 from define_kernels import DeFINE, HGTConfig, backends, ops, reference
 
 from conftest import usable_backend
+from plain_dropout_hash import draw24
 from tolerances import assert_close, assert_close_scaled
 
 SMALL = dict(map_dim=8, expand_dim=32, depth=3, max_groups=4)
@@ -173,25 +174,12 @@ def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
 
 
 # ------------------------------------------------------------------------------ dropout boundary
-def _fmix32(h):
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def _draw(seed, layer, row_key, feature):
-    """The 24-bit dropout draw of the spec, in plain Python integers."""
-    return _fmix32(_fmix32(_fmix32(seed ^ _fmix32(layer)) ^ row_key) ^ feature) >> 8
-
-
 def boundary_case(config_options, row_key, feature, seed=12345):
     """(config, p): p chosen from the hash so that the draw of (last layer, row_key, feature)
     equals the keep threshold int(p * 2^24) exactly: kept under `draw >= threshold`, dropped
     under `draw > threshold`."""
     depth = config_options["depth"]
-    draw = _draw(seed, depth, row_key, feature)
+    draw = draw24(seed, depth, row_key, feature)
     p = draw / 2**24  # exact: draw < 2^24
     assert reference.dropout_threshold(p) == draw
     return HGTConfig(**config_options, dropout=p), p
