@@ -71,26 +71,23 @@ Columns<T> columns(const at::Tensor& t, const std::vector<int64_t>* col = nullpt
                                               mapped ? static_cast<int64_t>(col->size()) : t.size(1))};
 }
 
+// dst[i] = src[i] for i < n, converted (vectorized; bf16 rounds as storage_cast.h).
+template <typename D, typename S>
+inline void convert(D* dst, const S* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<D>(src[i]);
+}
+
 // dst[run.column + i] = src[run.first + i] over the runs (a row stored through a map).
 template <typename D, typename S>
 inline void store_runs(D* dst, const S* src, const std::vector<Run>& runs) {
-  for (const Run& r : runs) {
-    D* d = dst + r.column;
-    const S* s = src + r.first;
-#pragma omp simd
-    for (int64_t i = 0; i < r.length; ++i) d[i] = to_storage<D>(s[i]);
-  }
+  for (const Run& r : runs) convert(dst + r.column, src + r.first, r.length);
 }
 
 // dst[run.first + i] = src[run.column + i] (a row read through a map).
 template <typename D, typename S>
 inline void load_runs(D* dst, const S* src, const std::vector<Run>& runs) {
-  for (const Run& r : runs) {
-    D* d = dst + r.first;
-    const S* s = src + r.column;
-#pragma omp simd
-    for (int64_t i = 0; i < r.length; ++i) d[i] = D(s[i]);
-  }
+  for (const Run& r : runs) convert(dst + r.first, src + r.column, r.length);
 }
 
 template <typename T>
@@ -158,14 +155,10 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]) + A(lp.bias[f]);
       } else {
-#pragma omp simd
-        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]);
+        convert(v, zt, w);
       }
-      if (prep && (prep != zp || add_bias)) {  // pre may be z itself: then only the bias is new
-        T* dst = prep + t * w;
-#pragma omp simd
-        for (int64_t f = 0; f < w; ++f) dst[f] = to_storage<T>(v[f]);
-      }
+      if (prep && (prep != zp || add_bias))  // pre may be z itself: then only the bias is new
+        convert(prep + t * w, v, w);
       if (d.has_norm) {
         for (int64_t j = 0; j < g; ++j) {
           A* vg = v + j * c;
@@ -221,9 +214,7 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
         if constexpr (std::is_same_v<A, T>) {
           pt = prep + t * w;
         } else {
-          const T* src = prep + t * w;
-#pragma omp simd
-          for (int64_t f = 0; f < w; ++f) pre_row[f] = A(src[f]);
+          convert(pre_row, prep + t * w, w);
           pt = pre_row;
         }
         T* gzt = gzp + t * w;
