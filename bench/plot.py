@@ -164,10 +164,18 @@ def _draw_series(ax, rows, x_field: str, drawn: Optional[Set[tuple]], log_x: boo
     return set(names)
 
 
+def _panel(row) -> tuple:
+    """The (workload, vocabulary) panel a row is drawn in."""
+    return base_workload(row), str(row.get("vocab_size", ""))
+
+
+def _panels(selected) -> list:
+    return sorted({_panel(r) for r in selected}, key=lambda p: (p[0], _num(p[1]) or 0))
+
+
 def figure_throughput(rows, drawn: Optional[Set[tuple]] = None):
     selected = _measured(rows, "tokens_per_s")
-    panels = sorted({(base_workload(r), str(r.get("vocab_size", ""))) for r in selected},
-                    key=lambda p: (p[0], _num(p[1]) or 0))
+    panels = _panels(selected)
     modes = _modes(selected)
     fig, axes = _grid(max(len(panels), 1), max(len(modes), 1), 4.6, 3.4)
     providers: Set[str] = set()
@@ -176,8 +184,7 @@ def figure_throughput(rows, drawn: Optional[Set[tuple]] = None):
     for i, (workload, vocab) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i, j]
-            mine = [r for r in selected if (base_workload(r), str(r.get("vocab_size", ""))) == (workload, vocab)
-                    and r["mode"] == mode]
+            mine = [r for r in selected if _panel(r) == (workload, vocab) and r["mode"] == mode]
             tokens = sorted({int(_num(r["tokens"])) for r in mine})
             title = f"{workload} · V={vocab} · {MODE_NAMES.get(mode, mode)}"
             if not mine:
@@ -244,11 +251,10 @@ def figure_speedup(rows, drawn: Optional[Set[tuple]] = None):
     """
     selected = [r for r in _measured(rows, "time_vs_eager") if r["provider"].startswith("define")
                 and r["provider"] != EAGER_PROVIDER and _num(r["value"]) > 0]
-    panels = sorted({(base_workload(r), str(r.get("vocab_size", ""))) for r in selected},
-                    key=lambda p: (p[0], _num(p[1]) or 0))
+    panels = _panels(selected)
     modes = _modes(selected)
-    most = max([sum(1 for r in selected if r["mode"] == m and (base_workload(r), str(r.get("vocab_size", "")))
-                    == panel) for panel in panels for m in modes] + [1])
+    most = max([sum(1 for r in selected if r["mode"] == m and _panel(r) == panel)
+                for panel in panels for m in modes] + [1])
     fig, axes = _grid(max(len(panels), 1), max(len(modes), 1), 5.0, 0.32 * most + 1.4)
     providers: Set[str] = set()
     if not selected:
@@ -256,8 +262,7 @@ def figure_speedup(rows, drawn: Optional[Set[tuple]] = None):
     for i, (workload, vocab) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i, j]
-            mine = [r for r in selected if (base_workload(r), str(r.get("vocab_size", ""))) == (workload, vocab)
-                    and r["mode"] == mode]
+            mine = [r for r in selected if _panel(r) == (workload, vocab) and r["mode"] == mode]
             title = f"{workload} · V={vocab} · {MODE_NAMES.get(mode, mode)}"
             token_counts = sorted({int(_num(r["tokens"])) for r in mine})
             if len(token_counts) == 1:
