@@ -11,7 +11,8 @@
 // pre_l [rows, w_l] (bias added, shuffled) and, for l >= 1, its input u_l [rows, a_l] (the
 // split-and-mix / concat of the stack input and the previous output, in grouped layout).
 // table_grad (CPU) is the autograd rules' scatter of per-row gradients into the table's dense
-// gradient (zeros [num_rows, width] + grad_rows at ids) without a table-sized zero fill.
+// gradient (zeros [num_rows, width] + grad_rows at ids) without a table-sized zero fill;
+// table_grad_into adds grad_rows at ids into a given table.
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE
@@ -33,4 +34,5 @@ TORCH_LIBRARY(define_kernels_C, m) {
   m.def("hgt_backward_saved(Tensor grad_y, Tensor x, Tensor? ids, Tensor[] params, Tensor[] saved, "
         "int[] layers, bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
   m.def("table_grad(Tensor grad_rows, Tensor ids, int num_rows) -> Tensor");
+  m.def("table_grad_into(Tensor(a!) table, Tensor grad_rows, Tensor ids) -> ()");
 }

@@ -32,12 +32,13 @@ holds the Triton kernels (backends/triton_library.py).
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import backends, reference
+from . import backends, reference, table_grad_cache
 from .backends import cpp_ext
 from .checks import check_ids_in_range, check_op_inputs
 from .config import HGTConfig
@@ -145,16 +146,19 @@ def _table_grad(x, ids, grad_rows, sparse_grad=False):
                                        x.shape, check_invariants=False)
     # rows -> table: summed per id, dense like nn.Embedding's default gradient
     if x.is_contiguous():
-        return _rows_to_table(x.shape[0], ids, grad_rows.to(x.dtype))
+        return _rows_to_table(x.shape[0], ids, grad_rows.to(x.dtype), table=x)
     return torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
 
 
-def _rows_to_table(num_rows, ids, grad_rows):
+def _rows_to_table(num_rows, ids, grad_rows, table=None):
     """zeros [num_rows, width] + grad_rows at ids; on CPU without writing the whole table when
-    the C++ library is loaded (cpp_ext.table_grad)."""
-    table = cpp_ext.table_grad(num_rows, ids, grad_rows)
-    if table is not None:
-        return table
+    the C++ library is loaded: into the buffer of an earlier backward when `table` is a leaf
+    parameter (table_grad_cache), else into a fresh one (cpp_ext.table_grad)."""
+    grad = table_grad_cache.dense_grad(table, ids, grad_rows)
+    if grad is None:
+        grad = cpp_ext.table_grad(num_rows, ids, grad_rows)
+    if grad is not None:
+        return grad
     return grad_rows.new_zeros(num_rows, grad_rows.shape[1]).index_add_(0, ids, grad_rows)
 
 
@@ -171,11 +175,12 @@ class _GatherRows(torch.autograd.Function):
         x, ids = inputs
         ctx.save_for_backward(ids)
         ctx.num_rows, ctx.dtype = x.shape[0], x.dtype
+        ctx.table = weakref.ref(x)  # the key of its reused gradient buffer, not kept alive
 
     @staticmethod
     def backward(ctx, grad_rows):
         (ids,) = ctx.saved_tensors
-        return _rows_to_table(ctx.num_rows, ids, grad_rows.to(ctx.dtype)), None
+        return _rows_to_table(ctx.num_rows, ids, grad_rows.to(ctx.dtype), table=ctx.table()), None
 
 
 def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

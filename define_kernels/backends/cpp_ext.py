@@ -248,6 +248,15 @@ def table_grad(num_rows: int, ids: torch.Tensor, grad_rows: torch.Tensor) -> Opt
     return torch.ops.define_kernels_C.table_grad(grad_rows, ids, num_rows)
 
 
+def table_grad_into(table: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> bool:
+    """table += grad_rows at ids (summed per id, as table_grad) in place; False (table untouched)
+    when the library is not loaded already or the tensors are not on the CPU."""
+    if _state is None or _state.reason is not None or grad_rows.device.type != "cpu":
+        return False
+    torch.ops.define_kernels_C.table_grad_into(table, grad_rows, ids)
+    return True
+
+
 # ----------------------------------------------------------------------------- fakes
 def check_cpp_args(x, ids, params, layers, dropout, seed, allow_in_proj=True) -> list:
     """Python mirror of checks.h (same arguments named, same exception types); returns the
@@ -343,6 +352,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{EXT_NAME}::table_grad")
     def _table_grad_fake(grad_rows, ids, num_rows):
         return grad_rows.new_empty(num_rows, grad_rows.shape[1])
+
+    @torch.library.register_fake(f"{EXT_NAME}::table_grad_into")
+    def _table_grad_into_fake(table, grad_rows, ids):
+        return None
 
 
 def _saved_widths(table) -> List[int]:
