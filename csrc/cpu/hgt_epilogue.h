@@ -7,10 +7,11 @@
 // stack input's row.
 // With `keep` the pre-norm row v is stored too (in place when z is the kept buffer): it is all
 // the backward needs besides the layer inputs (LN statistics are recomputed from it).
-// Backward, per row: dropout mask, then per LN group one fused pass (x-hat recomputed from pre,
-// activation derivative, LN backward sums) and one that stores gz at the pre-shuffle positions;
-// bias and norm-affine gradients go to per-block partial sums that are added in block order
-// afterwards (fixed order: deterministic for any thread count).
+// Backward, per row: dropout mask; x-hat recomputed from pre per LN group; the activation
+// derivative over the whole row; the LN backward per group; gz stored at the pre-shuffle
+// positions. Bias and norm-affine gradients go to per-block partial sums that are added in block
+// order afterwards (fixed order: deterministic for any thread count).
+// The shuffle is a gather both ways (perm forward, unperm backward) so those loops vectorize.
 #pragma once
 
 #include "activations.h"
@@ -105,6 +106,22 @@ LayerParams<T> layer_params(const Plan& plan, int64_t l, at::TensorList params) 
           d.has_norm ? params[o + 3].data_ptr<T>() : nullptr};
 }
 
+// values [w] (pre-shuffle order) in output order and in A: values[perm[f]] at f.
+template <typename A, typename T>
+std::vector<A> output_order(const T* values, const int32_t* perm, int64_t w) {
+  std::vector<A> out(w);
+  for (int64_t f = 0; f < w; ++f) out[f] = A(values[perm[f]]);
+  return out;
+}
+
+// values [c] repeated for each of the g groups of a row: [g * c] in A.
+template <typename A, typename T>
+std::vector<A> tiled(const T* values, int64_t c, int64_t g) {
+  std::vector<A> out(g * c);
+  for (int64_t f = 0; f < g * c; ++f) out[f] = A(values[f % c]);
+  return out;
+}
+
 inline int64_t row_key(const Plan& plan, int64_t r) {
   return plan.ids.defined() ? plan.ids.data_ptr<int64_t>()[r] : r;
 }
@@ -132,9 +149,11 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
-  const int64_t* perm = plan.perm[l].data();
+  const int32_t* perm = plan.perm[l].data();
   const bool shuffled = plan.shuffled[l];
   const bool add_bias = bias_in_epilogue(z.scalar_type());
+  const std::vector<A> bias = output_order<A>(lp.bias, perm, w);
+  const A* const bias_p = bias.data();
   const T* zp = z.data_ptr<T>();
   const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
   const int64_t p = plan.p;
@@ -143,19 +162,21 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
   const uint32_t layer_hash = drop.on ? dropout_layer_hash(plan.seed, l) : 0;
   const A keep_scale = A(drop.keep_scale);
   at::parallel_for(0, num_blocks(plan.rows), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> row(w);
+    std::vector<A> row(2 * w);
     A* v = row.data();
+    A* z_row = v + w;  // a shuffled layer's GEMM row in A, gathered from (vectorized) into v
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
       const T* zt = zp + t * w;
       if (shuffled) {
-        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[perm[f]]);
-        if (add_bias)
-          for (int64_t f = 0; f < w; ++f) v[f] += A(lp.bias[perm[f]]);
-      } else if (add_bias) {
+        convert(z_row, zt, w);
 #pragma omp simd
-        for (int64_t f = 0; f < w; ++f) v[f] = A(zt[f]) + A(lp.bias[f]);
+        for (int64_t f = 0; f < w; ++f) v[f] = z_row[perm[f]];
       } else {
         convert(v, zt, w);
+      }
+      if (add_bias) {
+#pragma omp simd
+        for (int64_t f = 0; f < w; ++f) v[f] += bias_p[f];
       }
       if (prep && (prep != zp || add_bias))  // pre may be z itself: then only the bias is new
         convert(prep + t * w, v, w);
@@ -184,6 +205,10 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
 
 // gh (gradient of the layer output, through a column map), pre [rows, w] -> gz [rows, w]
 // (pre-shuffle); writes the bias / norm gradients of the layer (grad_params entries).
+// Per row the costly part (the activation derivative) is one loop over the whole row, not one
+// per LayerNorm group: a group width that is not a multiple of the vector width (44 at
+// wt103-base's first layer) would leave a scalar tail per group. gamma and beta are tiled to the
+// row for it, and dgamma / dbeta are kept per row position, folded per group at the end.
 template <typename T>
 void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const Columns<T>& gh,
                        const at::Tensor& pre, at::Tensor& gz, std::vector<at::Tensor>& grad_params) {
@@ -191,24 +216,32 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
   const auto& d = plan.layers[l];
   const int64_t w = d.out_features, c = d.out_per_group(), g = d.groups;
   const auto lp = layer_params<T>(plan, l, params);
-  const int64_t* perm = plan.perm[l].data();
+  const int32_t* unperm = plan.unperm[l].data();
   const bool shuffled = plan.shuffled[l];
   const T* prep = pre.data_ptr<T>();
   T* gzp = gz.data_ptr<T>();
   const LayerDropout& drop = plan.drop[l];
   const uint32_t layer_hash = drop.on ? dropout_layer_hash(plan.seed, l) : 0;
   const A keep_scale = A(drop.keep_scale);
-  // Per block: bias partial [w] (pre-shuffle order), then dgamma [c], dbeta [c].
-  const int64_t blocks = num_blocks(plan.rows), width = w + (d.has_norm ? 2 * c : 0);
+  const std::vector<A> gamma = d.has_norm ? tiled<A>(lp.gamma, c, g) : std::vector<A>();
+  const std::vector<A> beta = d.has_norm ? tiled<A>(lp.beta, c, g) : std::vector<A>();
+  // Per block: bias partial [w] (pre-shuffle order), then dgamma [w], dbeta [w] (output order).
+  const int64_t blocks = num_blocks(plan.rows), width = w * (d.has_norm ? 3 : 1);
   std::vector<A> partial(blocks * width, A(0));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> buf(2 * w);
-    A* gr = buf.data();          // gradient row
-    A* pre_row = gr + w;         // the pre-norm row in A (16-bit types: converted once)
+    std::vector<A> buf(3 * w + g);
+    A* gr = buf.data();       // gradient row
+    A* pre_row = gr + w;      // the pre-norm row in A (16-bit types: converted once)
+    A* xhat = pre_row + w;    // normalized row
+    A* rstd = xhat + w;       // per group: 1 / std
+    // Locals, not captured references: stores through gr could alias those, and would then keep
+    // the loops from vectorizing.
+    const A* const gamma_p = gamma.data();
+    const A* const beta_p = beta.data();
     for (int64_t b = b0; b < b1; ++b) {
-      A* db = partial.data() + b * width;
-      A* dgamma = db + w;
-      A* dbeta = dgamma + c;
+      A* const db = partial.data() + b * width;
+      A* const dgamma = db + w;
+      A* const dbeta = dgamma + w;
       for (int64_t t = b * kBlockRows; t < std::min(plan.rows, (b + 1) * kBlockRows); ++t) {
         const A* pt;
         if constexpr (std::is_same_v<A, T>) {
@@ -217,15 +250,12 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
           convert(pre_row, prep + t * w, w);
           pt = pre_row;
         }
-        T* gzt = gzp + t * w;
         load_runs(gr, gh.row(t), gh.runs);
         if (drop.on) {
           const uint32_t rh = dropout_row_hash(layer_hash, row_key(plan, t));
           for (int64_t f = 0; f < w; ++f)
             gr[f] = dropout_keep(rh, f, drop.threshold) ? gr[f] * keep_scale : A(0);
         }
-        // From here each feature is touched by few fused loops: the normalized value and the
-        // activation input are recomputed from pre where needed instead of stored.
         with_act(d.act, [&](auto act_kind) {
           constexpr int64_t kAct = decltype(act_kind)::value;
           if (!d.has_norm) {
@@ -233,50 +263,45 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
             for (int64_t f = 0; f < w; ++f) gr[f] = act_backward_element<kAct>(A(pt[f]), gr[f]);
             return;
           }
-          // Locals, not the captured references: stores through gg could alias those, and
-          // would then keep the loops from vectorizing.
-          const T* const gamma_p = lp.gamma;
-          const T* const beta_p = lp.beta;
-          A* const dgamma_p = dgamma;
-          A* const dbeta_p = dbeta;
           for (int64_t j = 0; j < g; ++j) {
+            A mean;
+            group_stats(pt + j * c, c, mean, rstd[j]);
             const A* pg = pt + j * c;
+            A* xg = xhat + j * c;
+            const A r = rstd[j];
+#pragma omp simd
+            for (int64_t k = 0; k < c; ++k) xg[k] = (A(pg[k]) - mean) * r;
+          }
+#pragma omp simd
+          for (int64_t f = 0; f < w; ++f) {
+            const A gk = act_backward_element<kAct>(xhat[f] * gamma_p[f] + beta_p[f], gr[f]);
+            dgamma[f] += gk * xhat[f];
+            dbeta[f] += gk;
+            gr[f] = gk * gamma_p[f];
+          }
+          for (int64_t j = 0; j < g; ++j) {  // LayerNorm backward per group
             A* gg = gr + j * c;
-            A mean, rstd;
-            group_stats(pg, c, mean, rstd);
+            const A* xg = xhat + j * c;
             A sum1 = 0, sum2 = 0;
 #pragma omp simd reduction(+ : sum1, sum2)
             for (int64_t k = 0; k < c; ++k) {
-              const A xhat = (A(pg[k]) - mean) * rstd, gamma = A(gamma_p[k]);
-              const A gk = act_backward_element<kAct>(xhat * gamma + A(beta_p[k]), gg[k]);
-              dgamma_p[k] += gk * xhat;
-              dbeta_p[k] += gk;
-              gg[k] = gk * gamma;
               sum1 += gg[k];
-              sum2 += gg[k] * xhat;
+              sum2 += gg[k] * xg[k];
             }
-            const A m1 = sum1 / A(c), m2 = sum2 / A(c);
-            if (shuffled) {
+            const A m1 = sum1 / A(c), m2 = sum2 / A(c), r = rstd[j];
 #pragma omp simd
-              for (int64_t k = 0; k < c; ++k) gg[k] = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
-            } else {  // fused with the store: gz and the bias gradient
-              T* gzg = gzt + j * c;
-              A* dbg = db + j * c;
-#pragma omp simd
-              for (int64_t k = 0; k < c; ++k) {
-                const A v = rstd * (gg[k] - m1 - (A(pg[k]) - mean) * rstd * m2);
-                gzg[k] = to_storage<T>(v);
-                dbg[k] += v;
-              }
-            }
+            for (int64_t k = 0; k < c; ++k) gg[k] = r * (gg[k] - m1 - xg[k] * m2);
           }
         });
-        if (shuffled) {
-          for (int64_t f = 0; f < w; ++f) {
-            gzt[perm[f]] = to_storage<T>(gr[f]);
-            db[perm[f]] += gr[f];
+        T* gzt = gzp + t * w;
+        if (shuffled) {  // gz at pre-shuffle position q is the row's value at unperm[q]
+#pragma omp simd
+          for (int64_t q = 0; q < w; ++q) {
+            const A v = gr[unperm[q]];
+            gzt[q] = to_storage<T>(v);
+            db[q] += v;
           }
-        } else if (!d.has_norm) {
+        } else {
 #pragma omp simd
           for (int64_t f = 0; f < w; ++f) {
             gzt[f] = to_storage<T>(gr[f]);
@@ -297,12 +322,17 @@ void epilogue_backward(const Plan& plan, int64_t l, at::TensorList params, const
   const int64_t o = d.param_offset;
   T* gb = grad_params[o + 1].data_ptr<T>();
   for (int64_t k = 0; k < w; ++k) gb[k] = T(total[k]);
-  if (d.has_norm) {
+  if (d.has_norm) {  // per-position sums folded over the groups, in group order
     T* dg = grad_params[o + 2].data_ptr<T>();
     T* dbt = grad_params[o + 3].data_ptr<T>();
     for (int64_t k = 0; k < c; ++k) {
-      dg[k] = T(total[w + k]);
-      dbt[k] = T(total[w + c + k]);
+      A sum_g = 0, sum_b = 0;
+      for (int64_t j = 0; j < g; ++j) {
+        sum_g += total[w + j * c + k];
+        sum_b += total[2 * w + j * c + k];
+      }
+      dg[k] = T(sum_g);
+      dbt[k] = T(sum_b);
     }
   }
 }

@@ -52,10 +52,16 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
   for (size_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
     if (l > 0) input_maps(d, plan.p, plan.layers[l - 1].out_features, plan.xcol[l], plan.hcol[l]);
-    std::vector<int64_t> perm(d.out_features);
+    DK_CHECK(d.out_features < (int64_t(1) << 31), indexed("layers", l), "out_features must be < 2^31, got ",
+             d.out_features);
+    std::vector<int32_t> perm(d.out_features), unperm(d.out_features);
     const int64_t g = d.groups, c = d.out_per_group();
-    for (int64_t f = 0; f < d.out_features; ++f) perm[f] = shuffle ? (f % g) * c + f / g : f;
+    for (int64_t f = 0; f < d.out_features; ++f) {
+      perm[f] = static_cast<int32_t>(shuffle ? (f % g) * c + f / g : f);
+      unperm[perm[f]] = static_cast<int32_t>(f);
+    }
     plan.perm.push_back(std::move(perm));
+    plan.unperm.push_back(std::move(unperm));
     plan.shuffled.push_back(shuffle && g > 1);
   }
   plan.scale = scale;

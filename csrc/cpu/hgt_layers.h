@@ -32,8 +32,9 @@ struct Plan {
   std::vector<LayerDropout> drop;  // [layer]
   // [layer]: column of u_l holding column k of xs (empty: no skip) / column k of h_{l-1}.
   std::vector<std::vector<int64_t>> xcol, hcol;
-  std::vector<std::vector<int64_t>> perm;  // [layer]: output position -> pre-shuffle position
-  std::vector<bool> shuffled;              // [layer]: perm is not the identity
+  // [layer]: output position -> pre-shuffle position, and back (int32: the epilogue gathers with them)
+  std::vector<std::vector<int32_t>> perm, unperm;
+  std::vector<bool> shuffled;  // [layer]: perm is not the identity
   int64_t rows = 0, p = 0;  // p: width of the stack input x the layers >= 1 read
   bool in_proj = false;     // layer 0 is the in-proj: x' (its output) replaces xs for later layers
   double scale = 1.0;
