@@ -88,10 +88,13 @@ void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tenso
                         const at::Tensor& bias, at::Tensor& z) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
   const bool with_bias = !bias_in_epilogue(z.scalar_type());
+  // One broadcast fill of every group's bias, then each GEMM accumulates onto its slice
+  // (addmm with self = out copies nothing; addmm from the bias would copy it per group).
+  if (with_bias) z.copy_(bias.reshape({1, d.out_features}).expand({z.size(0), d.out_features}));
   for (int64_t j = 0; j < d.groups; ++j) {
     at::Tensor z_j = z.narrow(1, j * c, c);
     if (with_bias) {
-      at::addmm_out(z_j, bias[j], u.narrow(1, j * ag, ag), weight[j]);
+      at::addmm_out(z_j, z_j, u.narrow(1, j * ag, ag), weight[j]);
     } else {
       at::mm_out(z_j, u.narrow(1, j * ag, ag), weight[j]);
     }

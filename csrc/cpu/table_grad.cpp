@@ -57,20 +57,32 @@ void check_rows_and_ids(const at::Tensor& grad_rows, const at::Tensor& ids, int6
   check_ids_in_range(ids, num_rows);
 }
 
-// table [num_rows, width] (contiguous, grad_rows' dtype) += grad_rows at ids, summed per id.
-void add_into_table(at::Tensor& table, const at::Tensor& grad_rows, const at::Tensor& ids) {
+// dst[i] = src[i] rounded (vectorized, in parallel; ATen's copy_ runs this scalar-slow for bf16).
+template <typename T>
+void store_rounded(T* dst, const float* src, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) dst[i] = to_storage<T>(src[i]);
+  });
+}
+
+// table [num_rows, width] (contiguous, grad_rows' dtype) += grad_rows at ids, summed per id;
+// table_is_zero: a fresh table, whose old values need not be read.
+void add_into_table(at::Tensor& table, const at::Tensor& grad_rows, const at::Tensor& ids,
+                    bool table_is_zero) {
   const int64_t num_rows = table.size(0), width = table.size(1);
   const at::Tensor rows = grad_rows.contiguous();
   const at::Tensor index = ids.to(at::kLong).contiguous();
   const bool half_precision = rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf;
   if (half_precision && num_rows <= 4 * rows.size(0)) {
     // Sums per id in fp32, rounded once; a small table (the dedup gather's) is summed whole.
-    at::Tensor sums = table.to(at::kFloat);
+    at::Tensor sums = table_is_zero ? at::zeros({num_rows, width}, rows.options().dtype(at::kFloat))
+                                    : table.to(at::kFloat);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(rows.scalar_type(), "table_grad", [&] {
       add_rows(sums.data_ptr<float>(), index.data_ptr<int64_t>(), rows.data_ptr<scalar_t>(),
                rows.size(0), width);
+      store_rounded(table.data_ptr<scalar_t>(), sums.data_ptr<float>(), sums.numel());
     });
-    table.copy_(sums);
     return;
   }
   if (half_precision) {
@@ -100,7 +112,7 @@ at::Tensor table_grad_cpu(const at::Tensor& grad_rows, const at::Tensor& ids, in
   if (data == nullptr) throw std::bad_alloc();
   at::Tensor table = at::from_blob(data, {num_rows, width}, [](void* p) { std::free(p); },
                                    grad_rows.options());
-  add_into_table(table, grad_rows, ids);
+  add_into_table(table, grad_rows, ids, /*table_is_zero=*/true);
   return table;
 }
 
@@ -116,7 +128,7 @@ void table_grad_into_cpu(at::Tensor& table, const at::Tensor& grad_rows, const a
   check_rows_and_ids(grad_rows, ids, table.size(0));
   DK_CHECK(table.size(1) == grad_rows.size(1), "grad_rows", "must have the table's width ", table.size(1),
            ", got ", grad_rows.size(1));
-  add_into_table(table, grad_rows, ids);
+  add_into_table(table, grad_rows, ids, /*table_is_zero=*/false);
 }
 
 }  // namespace
