@@ -1,11 +1,14 @@
 // See hgt_layers.h.
 #include "hgt_layers.h"
+#include "transpose16.h"
 
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <numeric>
 
 namespace define_kernels::cpu {
@@ -101,13 +104,26 @@ void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tenso
   }
 }
 
-void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
-                         const at::Tensor& gz, at::Tensor& grad_weight, at::Tensor* grad_u) {
+void transposed_input(const at::Tensor& u, at::Tensor& ut) {
+  DK_CHECK(u.element_size() == 2 && u.stride(1) == 1 && ut.is_contiguous(), "u",
+           "must be a 16-bit [rows, a] tensor with unit column stride");
+  const int64_t rows = u.size(0), cols = u.size(1), lds = u.stride(0);
+  const auto* src = static_cast<const uint16_t*>(u.data_ptr());
+  auto* dst = static_cast<uint16_t*>(ut.data_ptr());
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (rows + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    transpose16_rows(src, lds, dst, rows, t0 * kTile, std::min(rows, t1 * kTile), cols);
+  });
+}
+
+void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& ut,
+                         const at::Tensor& weight, const at::Tensor& gz, at::Tensor& grad_weight,
+                         at::Tensor* grad_u) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
   for (int64_t j = 0; j < d.groups; ++j) {
     const at::Tensor gz_j = gz.narrow(1, j * c, c);
     at::Tensor gw_j = grad_weight[j];
-    at::mm_out(gw_j, u.narrow(1, j * ag, ag).t(), gz_j);
+    at::mm_out(gw_j, ut.defined() ? ut.narrow(0, j * ag, ag) : u.narrow(1, j * ag, ag).t(), gz_j);
     if (grad_u) {
       at::Tensor gu_j = grad_u->narrow(1, j * ag, ag);
       at::mm_out(gu_j, gz_j, weight[j].t());
