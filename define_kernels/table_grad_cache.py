@@ -3,9 +3,8 @@
 A map table's dense gradient is mostly zeros: a batch touches a few thousand of its rows. A fresh
 buffer costs a page fault for every page a row lands on (cpp_ext.table_grad allocates with calloc,
 so untouched pages are never written), and an optimizer that reads the whole gradient faults in
-every remaining page. At wt103-base that is 16 ms per backward and 33 ms per optimizer step on
-the benchmark machine (bench/results/, the cpu-goals runs), against 0.4 ms to clear and refill a
-buffer that is already mapped.
+every remaining page: at wt103-base, thousands of faults per step, where clearing and refilling a
+buffer that is already mapped touches only the batch's rows (README, CPU goals).
 
 So the gradient returned for a table parameter is an alias of a buffer kept here, per parameter
 (held weakly: it goes with the parameter). At the next backward that buffer is reused when
