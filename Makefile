@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz mutate bench bench-cpu-goals bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
+.PHONY: venv test fuzz mutate bench bench-cpu-goals bench-cpu-profile bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 # `auto` ranking (define_kernels/backends/measured_ranking.json) from the same run
 bench-cpu-goals: $(STAMP)
 	$(PY) -m bench.cpu_goals --rounds 5 --write-ranking
+
+# where a cpu_cpp step spends its time, per dtype (torch.profiler)
+bench-cpu-profile: $(STAMP)
+	$(PY) -m bench.cpu_profile
 
 # pytest-benchmark suite at small sizes, for regression tracking
 bench-suite: $(STAMP)
