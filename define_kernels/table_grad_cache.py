@@ -47,7 +47,8 @@ class _Buffer:
 def _eligible(table: Optional[torch.Tensor], ids: torch.Tensor, grad_rows: torch.Tensor) -> bool:
     return (table is not None and type(table) in (torch.Tensor, torch.nn.Parameter)
             and table.is_leaf and table.requires_grad and table.device.type == "cpu"
-            and table.dtype == grad_rows.dtype and table.dim() == 2
+            and table.dtype == grad_rows.dtype and table.dim() == 2 and grad_rows.dim() == 2
+            and grad_rows.shape[1] == table.shape[1]
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
