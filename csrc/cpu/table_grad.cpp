@@ -57,7 +57,7 @@ void check_rows_and_ids(const at::Tensor& grad_rows, const at::Tensor& ids, int6
   check_ids_in_range(ids, num_rows);
 }
 
-// dst[i] = src[i] rounded (vectorized, in parallel; ATen's copy_ runs this scalar-slow for bf16).
+// dst[i] = src[i] rounded as the epilogues round (storage_cast.h), vectorized and in parallel.
 template <typename T>
 void store_rounded(T* dst, const float* src, int64_t n) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
