@@ -21,8 +21,8 @@ from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, LN
 _MASK32 = 0xFFFFFFFF
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values."""
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values, or on a Python int."""
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _MASK32
     h = h ^ (h >> 13)
@@ -60,19 +60,11 @@ def _keep_from_layer_hash(h: torch.Tensor, row_keys: torch.Tensor, width: int, p
 MAP_DROPOUT_LAYER = 0xFFFFFFFF
 
 
-def _fmix32_int(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def map_dropout_keep_mask(seed: torch.Tensor, ids: torch.Tensor, width: int, p: float) -> torch.Tensor:
     """Keep-mask [len(ids), width] of token-mode map dropout: the hash of dropout_keep_mask with
     layer MAP_DROPOUT_LAYER and row key the token id, so a token's mask does not depend on its
     position (dedup stays exact). seed: a 0-d int64 tensor (traceable: no int(seed))."""
-    h = _fmix32((seed.to(device=ids.device, dtype=torch.int64) & _MASK32) ^ _fmix32_int(MAP_DROPOUT_LAYER))
+    h = _fmix32((seed.to(device=ids.device, dtype=torch.int64) & _MASK32) ^ _fmix32(MAP_DROPOUT_LAYER))
     return _keep_from_layer_hash(h, ids, width, p)
 
 

@@ -12,8 +12,7 @@ import torch
 
 from ..config import HGTConfig
 from ..inference_cache import parameters_fingerprint
-
-_MASK32 = 0xFFFFFFFF
+from ..reference import _MASK32, _fmix32
 
 
 def _cumulative(widths) -> tuple:
@@ -75,14 +74,6 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
         z_width=z_width, h_width=h_width, num_params=position)
 
 
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
     """fmix32(seed ^ fmix32(layer)) per layer: the per-layer start of the dropout hash."""
     return torch.tensor([_fmix32((seed & _MASK32) ^ _fmix32(layer)) for layer in range(num_layers)],
@@ -113,7 +104,6 @@ _packed = _PackedParams()
 
 def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:
     """dropout_bases from a 0-d int64 seed tensor, in torch ops (traceable: no int(seed))."""
-    from ..reference import _fmix32
     layers = _fmix32(torch.arange(num_layers, dtype=torch.int64, device=device))
     return _fmix32((seed.to(device=device, dtype=torch.int64) & _MASK32) ^ layers)
 
