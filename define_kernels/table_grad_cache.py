@@ -44,7 +44,7 @@ class _Buffer:
         return uses == 2 and self.tensor._version == self.version
 
 
-def _eligible(table: Optional[torch.Tensor], ids: torch.Tensor, grad_rows: torch.Tensor) -> bool:
+def _eligible(table: Optional[torch.Tensor], grad_rows: torch.Tensor) -> bool:
     return (table is not None and type(table) in (torch.Tensor, torch.nn.Parameter)
             and table.is_leaf and table.requires_grad and table.device.type == "cpu"
             and table.dtype == grad_rows.dtype and table.dim() == 2 and grad_rows.dim() == 2
@@ -56,7 +56,7 @@ def dense_grad(table: Optional[torch.Tensor], ids: torch.Tensor,
                grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
     """zeros_like(table) + grad_rows at ids (summed per id), in a reused buffer when `table` is a
     CPU leaf parameter and the C++ library is loaded; None when it does not apply."""
-    if not _eligible(table, ids, grad_rows):
+    if not _eligible(table, grad_rows):
         return None
     written = ids.detach().to(torch.int64, copy=True)
     with _lock:
