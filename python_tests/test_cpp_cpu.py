@@ -130,6 +130,25 @@ def test_policies_agree_exactly(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rows", [1, 20, 41, 100])
+def test_bf16_weight_gradients_ignore_stale_scratch(rows):
+    """The bf16 backward's transposed copies (u^T or gz^T) have a row stride padded to 32
+    elements, and oneDNN's GEMMs read a row's tail up to that stride: the padding must be
+    zeroed, or NaN left in freed memory reaches the weight gradients. Poisoned memory is freed
+    before each backward so that the scratch buffers are likely to reuse it."""
+    config = CONFIGS["define"]  # both kinds of copy: gz^T where a layer narrows (w < a), u^T elsewhere
+    x, ids = inputs(config, rows, torch.bfloat16)
+    params = make_params(config, torch.bfloat16)
+    grad_y = torch.randn(rows, config.out_dim, dtype=torch.bfloat16)
+    expected = cpp_ext.backward(grad_y, x, ids, params, config, 0.8, None)[1]
+    for _ in range(10):
+        poison = [torch.full((n, 64), float("nan"), dtype=torch.bfloat16) for n in (64, 256, 1024) for _ in range(3)]
+        del poison
+        got = cpp_ext.backward(grad_y, x, ids, params, config, 0.8, None)[1]
+        for index, (a, b) in enumerate(zip(got, expected)):
+            assert torch.equal(a, b), f"grad_params[{index}] changed with stale scratch ({rows} rows)"
+
+
 def test_saved_layout_is_the_references():
     """cpu_cpp's saved tensors are reference.hgt_forward_saving's (same layout and values)."""
     config = CONFIGS["define-cycle-shuffle"]

@@ -121,8 +121,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
   at::Tensor grad_acc = at::zeros({plan.rows, plan.p}, xs.options().dtype(acc_type));
   at::Tensor gh = grad_y.to(in.compute).contiguous();  // gradient of layer l's output, seen through hcol[l + 1]
   at::Tensor grad_rows;
-  ScratchRows scratch(plan.rows, xs.options());  // slot 0: gz; slots 1, 2: gu, alternating; 3: u^T
-  const bool transpose_u = wgrad_from_transposed_input(in.compute);
+  ScratchRows scratch(plan.rows, xs.options());  // slot 0: gz; slots 1, 2: gu, alternating; 3: u^T or gz^T
+  const bool transposed_copies = wgrad_from_transposed_copy(in.compute);
   for (int64_t l = L - 1; l >= 0; --l) {
     const auto& d = plan.layers[l];
     const bool in_proj = l == 0 && plan.in_proj;
@@ -137,13 +137,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_backward(const Inputs& in, c
       epilogue_backward<scalar_t>(plan, l, in.params, src, pre, gz, grad_params);
     });
     at::Tensor gu = scratch.rows_of(1 + l % 2, d.in_features);
-    at::Tensor ut;
-    if (transpose_u) {
-      RECORD_FUNCTION("define_kernels::cpu::transpose_input", {});  // a profiler scope
-      ut = scratch.rows_of(3, d.in_features).view({d.in_features, plan.rows});
-      transposed_input(u, ut);
+    at::Tensor ut, gzt;  // with transposed copies: u^T or gz^T, whichever is narrower
+    if (transposed_copies) {
+      RECORD_FUNCTION("define_kernels::cpu::transposed_copy", {});  // a profiler scope
+      const bool of_gz = d.out_features < d.in_features;
+      at::Tensor& copy = of_gz ? gzt : ut;
+      copy = scratch.transposed_of(3, of_gz ? d.out_features : d.in_features);
+      transpose_16bit(of_gz ? gz : u, copy);
     }
-    layer_gemm_backward(d, u, ut, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
+    layer_gemm_backward(d, u, ut, gzt, in.params[d.param_offset], gz, grad_params[d.param_offset], &gu);
     if (in_proj) {
       grad_rows = gu.to(acc_type, /*non_blocking=*/false, /*copy=*/true);  // gu is call scratch
     } else if (l == 0 || !plan.xcol[l].empty()) {

@@ -81,6 +81,18 @@ at::Tensor ScratchRows::rows_of(size_t slot, int64_t width) {
   return buffer.narrow(0, 0, rows_ * width).view({rows_, width});
 }
 
+at::Tensor ScratchRows::transposed_of(size_t slot, int64_t width) {
+  const int64_t ld = (rows_ + 31) / 32 * 32;
+  if (slots_.size() <= slot) slots_.resize(slot + 1);
+  at::Tensor& buffer = slots_[slot];
+  if (!buffer.defined() || buffer.numel() < ld * width) buffer = at::empty({ld * width}, options_);
+  at::Tensor padded = buffer.narrow(0, 0, ld * width).view({width, ld});
+  // Zeroed padding: oneDNN's AMX GEMMs read a row's K tail up to the row stride (the packed
+  // other operand is zero there), so a NaN left in the padding would reach the result.
+  padded.narrow(1, rows_, ld - rows_).zero_();
+  return padded.narrow(1, 0, rows_);
+}
+
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
   at::Tensor rows = plan.ids.defined() ? at::index_select(x, 0, plan.ids) : x.contiguous();
   if (plan.scale == 1.0) return rows;
@@ -104,26 +116,35 @@ void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tenso
   }
 }
 
-void transposed_input(const at::Tensor& u, at::Tensor& ut) {
-  DK_CHECK(u.element_size() == 2 && u.stride(1) == 1 && ut.is_contiguous(), "u",
-           "must be a 16-bit [rows, a] tensor with unit column stride");
-  const int64_t rows = u.size(0), cols = u.size(1), lds = u.stride(0);
-  const auto* src = static_cast<const uint16_t*>(u.data_ptr());
-  auto* dst = static_cast<uint16_t*>(ut.data_ptr());
+void transpose_16bit(const at::Tensor& src, at::Tensor& dst) {
+  DK_CHECK(src.element_size() == 2 && dst.element_size() == 2 && src.stride(1) == 1 && dst.stride(1) == 1 &&
+               dst.size(0) == src.size(1) && dst.size(1) == src.size(0),
+           "src", "must be a 16-bit [rows, cols] tensor with unit column stride and dst its [cols, rows] buffer");
+  const int64_t rows = src.size(0), cols = src.size(1), lds = src.stride(0), ldd = dst.stride(0);
+  const auto* from = static_cast<const uint16_t*>(src.data_ptr());
+  auto* to = static_cast<uint16_t*>(dst.data_ptr());
   constexpr int64_t kTile = 16;
   at::parallel_for(0, (rows + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
-    transpose16_rows(src, lds, dst, rows, t0 * kTile, std::min(rows, t1 * kTile), cols);
+    transpose16_rows(from, lds, to, ldd, t0 * kTile, std::min(rows, t1 * kTile), cols);
   });
 }
 
-void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& ut,
+void layer_gemm_backward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& ut, const at::Tensor& gzt,
                          const at::Tensor& weight, const at::Tensor& gz, at::Tensor& grad_weight,
                          at::Tensor* grad_u) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
+  at::Tensor gwt = !ut.defined() && gzt.defined() ? at::empty({c, ag}, gz.options()) : at::Tensor();
   for (int64_t j = 0; j < d.groups; ++j) {
     const at::Tensor gz_j = gz.narrow(1, j * c, c);
     at::Tensor gw_j = grad_weight[j];
-    at::mm_out(gw_j, ut.defined() ? ut.narrow(0, j * ag, ag) : u.narrow(1, j * ag, ag).t(), gz_j);
+    if (ut.defined()) {
+      at::mm_out(gw_j, ut.narrow(0, j * ag, ag), gz_j);
+    } else if (gzt.defined()) {  // gw_j^T = gz_j^T u_j, then transposed into place
+      at::mm_out(gwt, gzt.narrow(0, j * c, c), u.narrow(1, j * ag, ag));
+      transpose_16bit(gwt, gw_j);
+    } else {
+      at::mm_out(gw_j, u.narrow(1, j * ag, ag).t(), gz_j);
+    }
     if (grad_u) {
       at::Tensor gu_j = grad_u->narrow(1, j * ag, ag);
       at::mm_out(gu_j, gz_j, weight[j].t());
