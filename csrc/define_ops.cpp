@@ -13,6 +13,7 @@
 // table_grad (CPU) is the autograd rules' scatter of per-row gradients into the table's dense
 // gradient (zeros [num_rows, width] + grad_rows at ids) without a table-sized zero fill;
 // table_grad_into adds grad_rows at ids into a given table.
+// The CPU buffer pool's tensor-less ops (buffer_pool_*) are defined in cpu/buffer_pool.cpp.
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE

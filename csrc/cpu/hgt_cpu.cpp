@@ -8,6 +8,7 @@
 // epilogue of hgt_epilogue.h. The layer loop is generic over the layer table; with an in-proj
 // (layer 0) its output x' is the stack input every later skip reads, and x' gathers the
 // gradients of those reads before they go back through layer 0 to the map rows.
+#include "buffer_pool.h"
 #include "hgt_epilogue.h"
 #include "hgt_layers.h"
 
@@ -70,13 +71,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
     // Kept and unshuffled, the GEMM output is the saved pre-norm buffer itself (the epilogue
     // adds the bias in place); otherwise it is scratch shared by every layer.
     const bool z_is_pre = keep && !plan.shuffled[l];
-    at::Tensor z = z_is_pre ? at::empty({plan.rows, d.out_features}, xs.options())
+    at::Tensor z = z_is_pre ? pooled_rows(plan.rows, d.out_features, xs.options())
                             : scratch.rows_of(0, d.out_features);
     layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
     const bool last = l == L - 1;
-    at::Tensor next = at::empty({plan.rows, last ? d.out_features : plan.layers[l + 1].in_features},
-                                xs.options());
-    at::Tensor pre = keep ? (z_is_pre ? z : at::empty_like(z)) : at::Tensor();
+    // The stack's output is a fresh tensor; the layer inputs and pre-norm rows are pooled.
+    at::Tensor next = last ? at::empty({plan.rows, d.out_features}, xs.options())
+                           : pooled_rows(plan.rows, plan.layers[l + 1].in_features, xs.options());
+    at::Tensor pre = keep ? (z_is_pre ? z : pooled_rows(plan.rows, d.out_features, xs.options())) : at::Tensor();
     const bool copy_x = !last && !plan.xcol[l + 1].empty();
     RECORD_FUNCTION("define_kernels::cpu::epilogue_forward", {});  // a profiler scope
     DK_DISPATCH(xs.scalar_type(), "hgt_epilogue_forward", [&] {

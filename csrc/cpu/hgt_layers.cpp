@@ -1,5 +1,6 @@
 // See hgt_layers.h.
 #include "hgt_layers.h"
+#include "buffer_pool.h"
 #include "transpose16.h"
 
 #include <ATen/ops/index_select.h>
@@ -77,7 +78,7 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
 at::Tensor ScratchRows::rows_of(size_t slot, int64_t width) {
   if (slots_.size() <= slot) slots_.resize(slot + 1);
   at::Tensor& buffer = slots_[slot];
-  if (!buffer.defined() || buffer.numel() < rows_ * width) buffer = at::empty({rows_ * width}, options_);
+  if (!buffer.defined() || buffer.numel() < rows_ * width) buffer = pooled_rows(1, rows_ * width, options_).view(-1);
   return buffer.narrow(0, 0, rows_ * width).view({rows_, width});
 }
 
@@ -85,7 +86,7 @@ at::Tensor ScratchRows::transposed_of(size_t slot, int64_t width) {
   const int64_t ld = (rows_ + 31) / 32 * 32;
   if (slots_.size() <= slot) slots_.resize(slot + 1);
   at::Tensor& buffer = slots_[slot];
-  if (!buffer.defined() || buffer.numel() < ld * width) buffer = at::empty({ld * width}, options_);
+  if (!buffer.defined() || buffer.numel() < ld * width) buffer = pooled_rows(1, ld * width, options_).view(-1);
   at::Tensor padded = buffer.narrow(0, 0, ld * width).view({width, ld});
   // Zeroed padding: oneDNN's AMX GEMMs read a row's K tail up to the row stride (the packed
   // other operand is zero there), so a NaN left in the padding would reach the result.

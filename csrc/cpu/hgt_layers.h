@@ -46,7 +46,8 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
                c10::IntArrayRef layers, bool shuffle, double dropout, double scale, int64_t seed);
 
 // Reusable [rows, width] buffers for one op call: slot k grows to the widest request and hands
-// out contiguous views, so the layer loop does not allocate (and page-fault) a buffer per layer.
+// out contiguous views, so the layer loop does not allocate a buffer per layer; the buffers come
+// from the pool of buffer_pool.h, so later calls do not page-fault them in again.
 class ScratchRows {
  public:
   ScratchRows(int64_t rows, at::TensorOptions options) : rows_(rows), options_(options) {}

@@ -239,11 +239,16 @@ def unavailable_reason() -> Optional[str]:
     return load_library().reason
 
 
+def loaded() -> bool:
+    """Whether the library is loaded already (this never starts a build)."""
+    return _state is not None and _state.reason is None
+
+
 def table_grad(num_rows: int, ids: torch.Tensor, grad_rows: torch.Tensor) -> Optional[torch.Tensor]:
     """zeros [num_rows, width] + grad_rows at ids (summed per id) for CPU grad_rows, without a
     table-sized zero fill (csrc/cpu/table_grad.cpp); None when the library is not loaded
     already (this never starts a build) or grad_rows is not on the CPU."""
-    if _state is None or _state.reason is not None or grad_rows.device.type != "cpu":
+    if not loaded() or grad_rows.device.type != "cpu":
         return None
     return torch.ops.define_kernels_C.table_grad(grad_rows, ids, num_rows)
 
@@ -251,7 +256,7 @@ def table_grad(num_rows: int, ids: torch.Tensor, grad_rows: torch.Tensor) -> Opt
 def table_grad_into(table: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> bool:
     """table += grad_rows at ids (summed per id, as table_grad) in place; False (table untouched)
     when the library is not loaded already or the tensors are not on the CPU."""
-    if _state is None or _state.reason is not None or grad_rows.device.type != "cpu":
+    if not loaded() or grad_rows.device.type != "cpu":
         return False
     torch.ops.define_kernels_C.table_grad_into(table, grad_rows, ids)
     return True
