@@ -14,17 +14,30 @@
 namespace define_kernels::cpu {
 namespace {
 
+// Whether a storage's Python wrapper is referenced by nothing but the storage itself. Newer c10
+// (PyObjectSlot::has_unique_reference) keeps the wrapper holding a reference to the storage as
+// long as any C++ one exists; older c10 drops that reference when Python lets the wrapper go (its
+// use count is then the pool's alone), so there the answer never matters and is false.
+template <typename Slot>
+auto wrapper_unreferenced(const Slot* slot, int) -> decltype(slot->has_unique_reference()) {
+  return slot->has_unique_reference();
+}
+template <typename Slot>
+bool wrapper_unreferenced(const Slot*, long) {
+  return false;
+}
+
 struct Pooled {
   at::Tensor flat;  // 1-D; the pool's reference is its storage's only one while it is free
   uint64_t last_use = 0;
   int64_t bytes() const { return flat.numel() * static_cast<int64_t>(flat.element_size()); }
   // Free: the pool's reference is the only one. A storage Python has seen (`untyped_storage()`)
-  // keeps its Python wrapper, which holds one more reference as long as any C++ one exists
-  // (c10's PyObject preservation); it is free when that wrapper is referenced by nothing else.
+  // keeps its Python wrapper, which (in newer c10) holds one more reference as long as any C++
+  // one exists; the storage is free when that wrapper is referenced by nothing else.
   bool is_free() const {
-    c10::StorageImpl* impl = flat.storage().unsafeGetStorageImpl();
+    const c10::StorageImpl* impl = flat.storage().unsafeGetStorageImpl();
     const size_t uses = flat.storage().use_count();
-    return uses == 1 || (uses == 2 && impl->pyobj_slot()->has_unique_reference());
+    return uses == 1 || (uses == 2 && wrapper_unreferenced(impl->pyobj_slot(), 0));
   }
 };
 
