@@ -75,19 +75,20 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ids, at::Te
   return plan;
 }
 
-at::Tensor ScratchRows::rows_of(size_t slot, int64_t width) {
+at::Tensor ScratchRows::flat_of(size_t slot, int64_t elements) {
   if (slots_.size() <= slot) slots_.resize(slot + 1);
   at::Tensor& buffer = slots_[slot];
-  if (!buffer.defined() || buffer.numel() < rows_ * width) buffer = pooled_rows(1, rows_ * width, options_).view(-1);
-  return buffer.narrow(0, 0, rows_ * width).view({rows_, width});
+  if (!buffer.defined() || buffer.numel() < elements) buffer = pooled_rows(1, elements, options_).view(-1);
+  return buffer.narrow(0, 0, elements);
+}
+
+at::Tensor ScratchRows::rows_of(size_t slot, int64_t width) {
+  return flat_of(slot, rows_ * width).view({rows_, width});
 }
 
 at::Tensor ScratchRows::transposed_of(size_t slot, int64_t width) {
   const int64_t ld = (rows_ + 31) / 32 * 32;
-  if (slots_.size() <= slot) slots_.resize(slot + 1);
-  at::Tensor& buffer = slots_[slot];
-  if (!buffer.defined() || buffer.numel() < ld * width) buffer = pooled_rows(1, ld * width, options_).view(-1);
-  at::Tensor padded = buffer.narrow(0, 0, ld * width).view({width, ld});
+  at::Tensor padded = flat_of(slot, ld * width).view({width, ld});
   // Zeroed padding: oneDNN's AMX GEMMs read a row's K tail up to the row stride (the packed
   // other operand is zero there), so a NaN left in the padding would reach the result.
   padded.narrow(1, rows_, ld - rows_).zero_();

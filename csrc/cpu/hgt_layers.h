@@ -58,6 +58,8 @@ class ScratchRows {
   at::Tensor transposed_of(size_t slot, int64_t width);
 
  private:
+  at::Tensor flat_of(size_t slot, int64_t elements);  // slot's buffer, grown to >= elements
+
   int64_t rows_;
   at::TensorOptions options_;
   std::vector<at::Tensor> slots_;
