@@ -43,6 +43,17 @@ def _commit() -> str:
         return "unknown"
 
 
+def converted_once(tensor: torch.Tensor):
+    """dtype -> tensor in that dtype, each conversion made once and then handed out again."""
+    by_dtype = {}
+
+    def in_dtype(dtype):
+        if dtype not in by_dtype:  # (dict.setdefault would convert on every call)
+            by_dtype[dtype] = tensor.to(dtype)
+        return by_dtype[dtype]
+    return in_dtype
+
+
 def build_cases(ids, compile_plain: bool):
     """name -> (callable running one step, FLOP of that step, description)."""
     w = WORKLOADS["wt103-base"]
@@ -62,10 +73,9 @@ def build_cases(ids, compile_plain: bool):
         return run
 
     def output_grad():
-        """The output's gradient in the output's dtype, converted once outside the timed step
-        (downstream layers hand a bf16 output a bf16 gradient)."""
-        grad, by_dtype = torch.randn(ids.numel(), w.embedding_dim), {}
-        return lambda dtype: by_dtype.setdefault(dtype, grad.to(dtype))
+        """The output's gradient in the output's dtype (downstream layers hand a bf16 output a
+        bf16 gradient), converted at the first step only: later timed steps convert nothing."""
+        return converted_once(torch.randn(ids.numel(), w.embedding_dim))
 
     def fwd_bwd(module, autocast=False):
         grad = output_grad()

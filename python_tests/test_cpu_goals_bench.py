@@ -4,6 +4,7 @@ count of rounds under the goal."""
 import statistics
 
 import pytest
+import torch
 
 from bench import cpu_goals
 
@@ -32,3 +33,12 @@ def test_best_of_the_numerator_cases():
     assert goal["round_median"] == pytest.approx(statistics.median([0.3, 0.5]))
     assert goal["of_medians"] == pytest.approx(0.45 / 1.0)  # min of the medians 500 and 450 ms
     assert goal["rounds_met"] == 2
+
+
+def test_the_output_gradient_is_converted_once():
+    grad = torch.randn(4, 3)
+    in_dtype = cpu_goals.converted_once(grad)
+    first = in_dtype(torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, grad.to(torch.bfloat16))
+    assert in_dtype(torch.bfloat16) is first  # no conversion inside later timed steps
+    assert in_dtype(torch.float32) is grad
