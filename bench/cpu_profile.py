@@ -23,7 +23,8 @@ from define_kernels.workloads import WORKLOADS
 from .cpu_goals import RESULTS, _commit
 from .workloads import batch_ids
 
-GEMMS = ("aten::mm", "aten::addmm")
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMMS_KEY = "GEMMs (aten::mm, addmm, bmm, baddbmm)"
 
 
 def profile_step(mode: str, ids: torch.Tensor, steps: int) -> dict:
@@ -48,7 +49,7 @@ def profile_step(mode: str, ids: torch.Tensor, steps: int) -> dict:
             step()
     totals = collections.defaultdict(lambda: [0.0, 0])
     for event in prof.key_averages():
-        key = "GEMMs (aten::mm, aten::addmm)" if event.key in GEMMS else event.key
+        key = GEMMS_KEY if event.key in GEMMS else event.key
         totals[key][0] += event.self_cpu_time_total / 1e3 / steps
         totals[key][1] += event.count // steps
     return {key: tuple(value) for key, value in totals.items()}

@@ -69,10 +69,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
   for (int64_t l = 0; l < L; ++l) {
     const auto& d = plan.layers[l];
     // Kept and unshuffled, the GEMM output is the saved pre-norm buffer itself (the epilogue
-    // adds the bias in place); otherwise it is scratch shared by every layer.
+    // adds the bias in place); otherwise it is scratch shared by every layer. Not kept, a grouped
+    // layer's output is scratch in [g, rows, c] blocks: one bmm with contiguous outputs is about
+    // 2% faster (fp32 forward) than a GEMM per group into column slices. (Kept, the extra store
+    // of the pre-norm rows that this layout needs costs that again.)
     const bool z_is_pre = keep && !plan.shuffled[l];
     at::Tensor z = z_is_pre ? pooled_rows(plan.rows, d.out_features, xs.options())
                             : scratch.rows_of(0, d.out_features);
+    if (!keep && d.groups > 1) z = z.view({d.groups, plan.rows, d.out_per_group()});
     layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
     const bool last = l == L - 1;
     // The stack's output is a fresh tensor; the layer inputs and pre-norm rows are pooled.

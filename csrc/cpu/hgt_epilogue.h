@@ -155,6 +155,9 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
   const std::vector<A> bias = output_order<A>(lp.bias, perm, w);
   const A* const bias_p = bias.data();
   const T* zp = z.data_ptr<T>();
+  // z is [rows, w], or [g, rows, c] (group j of row t at j * rows * c + t * c)
+  const bool z_grouped = z.dim() == 3;
+  const int64_t z_ld = z_grouped ? c : w, z_gs = z_grouped ? plan.rows * c : c;
   const T* xsp = xs ? xs->data_ptr<T>() : nullptr;
   const int64_t p = plan.p;
   T* prep = pre ? pre->data_ptr<T>() : nullptr;
@@ -166,13 +169,16 @@ void epilogue_forward(const Plan& plan, int64_t l, at::TensorList params, const 
     A* v = row.data();
     A* z_row = v + w;  // a shuffled layer's GEMM row in A, gathered from (vectorized) into v
     for (int64_t t = b0 * kBlockRows; t < std::min(plan.rows, b1 * kBlockRows); ++t) {
-      const T* zt = zp + t * w;
+      const T* zt = zp + t * z_ld;
+      A* const z_dst = shuffled ? z_row : v;
+      if (z_gs == c) {
+        convert(z_dst, zt, w);
+      } else {
+        for (int64_t j = 0; j < g; ++j) convert(z_dst + j * c, zt + j * z_gs, c);
+      }
       if (shuffled) {
-        convert(z_row, zt, w);
 #pragma omp simd
         for (int64_t f = 0; f < w; ++f) v[f] = z_row[perm[f]];
-      } else {
-        convert(v, zt, w);
       }
       if (add_bias) {
 #pragma omp simd

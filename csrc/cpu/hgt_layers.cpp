@@ -5,6 +5,8 @@
 
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
@@ -104,6 +106,16 @@ at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
 void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& z) {
   const int64_t ag = d.in_per_group(), c = d.out_per_group();
+  if (z.dim() == 3) {  // [g, rows, c]: one batched GEMM into contiguous group blocks
+    const at::Tensor u_g = u.as_strided({d.groups, u.size(0), ag}, {ag * u.stride(1), u.stride(0), u.stride(1)});
+    if (bias_in_epilogue(z.scalar_type())) {
+      at::bmm_out(z, u_g, weight);
+      return;
+    }
+    z.copy_(bias.reshape({d.groups, 1, c}).expand_as(z));
+    at::baddbmm_out(z, z, u_g, weight);
+    return;
+  }
   const bool with_bias = !bias_in_epilogue(z.scalar_type());
   // One broadcast fill of every group's bias, then each GEMM accumulates onto its slice
   // (addmm with self = out copies nothing; addmm from the bias would copy it per group).

@@ -75,7 +75,8 @@ inline bool bias_in_epilogue(at::ScalarType compute) {
 // The stack input rows: x gathered by ids (or x itself), times scale; [rows, p] contiguous.
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan);
 
-// z [rows, w] (pre-shuffle) = u [rows, a] times the layer's block-diagonal weight, plus bias.
+// z (pre-shuffle) = u [rows, a] times the layer's block-diagonal weight, plus bias; z is
+// [rows, w] (one GEMM per group into its columns) or [g, rows, w / g] (one batched GEMM).
 void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,
                         const at::Tensor& bias, at::Tensor& z);
 
