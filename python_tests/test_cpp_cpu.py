@@ -90,7 +90,44 @@ def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
     """Forward and every gradient of both policies against the float64 reference: the table's
     tolerance for fp64/fp32, assert_low_precision_close (vs the reference run in the dtype) for
     bf16/fp16."""
-    config = CONFIGS[name]
+    check_every_gradient(CONFIGS[name], dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name, monkeypatch):
+    """bf16's one-group layers on the path of hosts without oneDNN's fused-bias GEMM."""
+    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
+    check_every_gradient(CONFIGS[name], torch.bfloat16)
+
+
+def fused_bias_gemm_expected():
+    """Where csrc/cpu/hgt_layers.cpp's fused_bias_gemm runs: AVX-512 BW/VL/DQ in the build's
+    flags, and a torch with oneDNN's linear op."""
+    return ({"-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(cpp_ext.cpu_isa_flags())
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available(monkeypatch):
+    config = CONFIGS["define"]  # groups 4, 2, 1 and the one-group reduce layer
+    x, ids = inputs(config, 33, torch.bfloat16)
+    params = make_params(config, torch.bfloat16)
+
+    def fused_calls(dtype=torch.bfloat16):
+        with torch.profiler.profile() as prof:
+            cpp_ext.forward(x.to(dtype), ids, [p.to(dtype) for p in params], config, 1.0, None)
+            cpp_ext.forward_saving(x.to(dtype), ids, [p.to(dtype) for p in params], config, 1.0, None)
+        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+    one_group = sum(1 for layer in config.layers if layer.groups == 1)
+    assert one_group == 2
+    assert fused_calls() == (2 * one_group if fused_bias_gemm_expected() else 0)
+    assert fused_calls(torch.float32) == 0  # fp32 adds the bias in the epilogue
+    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
+    assert fused_calls() == 0
+
+
+def check_every_gradient(config, dtype):
+    """The body of test_every_dtype_and_policy_matches_fp64_reference."""
     seed = 99 if config.dropout else None
     x64, ids = inputs(config, 41, torch.float64)
     params64 = make_params(config, torch.float64)

@@ -74,10 +74,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
     // 2% faster (fp32 forward) than a GEMM per group into column slices. (Kept, the extra store
     // of the pre-norm rows that this layout needs costs that again.)
     const bool z_is_pre = keep && !plan.shuffled[l];
-    at::Tensor z = z_is_pre ? pooled_rows(plan.rows, d.out_features, xs.options())
-                            : scratch.rows_of(0, d.out_features);
-    if (!keep && d.groups > 1) z = z.view({d.groups, plan.rows, d.out_per_group()});
-    layer_gemm_forward(d, u, in.params[d.param_offset], in.params[d.param_offset + 1], z);
+    const at::Tensor& weight = in.params[d.param_offset];
+    const at::Tensor& bias = in.params[d.param_offset + 1];
+    at::Tensor z;
+    if (fused_bias_gemm(d, u, in.compute)) {
+      z = gemm_with_fused_bias(u, weight, bias);
+    } else {
+      z = z_is_pre ? pooled_rows(plan.rows, d.out_features, xs.options()) : scratch.rows_of(0, d.out_features);
+      if (!keep && d.groups > 1) z = z.view({d.groups, plan.rows, d.out_per_group()});
+      layer_gemm_forward(d, u, weight, bias, z);
+    }
     const bool last = l == L - 1;
     // The stack's output is a fresh tensor; the layer inputs and pre-norm rows are pooled.
     at::Tensor next = last ? at::empty({plan.rows, d.out_features}, xs.options())

@@ -10,8 +10,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 
 namespace define_kernels::cpu {
@@ -101,6 +104,47 @@ at::Tensor gather_input(const at::Tensor& x, const Plan& plan) {
   at::Tensor rows = plan.ids.defined() ? at::index_select(x, 0, plan.ids) : x.contiguous();
   if (plan.scale == 1.0) return rows;
   return plan.ids.defined() ? rows.mul_(plan.scale) : rows.mul(plan.scale);
+}
+
+namespace {
+
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<c10::optional<c10::Scalar>>,
+                                   c10::optional<c10::string_view>);
+
+// mkldnn::_linear_pointwise (X [rows, in], W [out, in], B [out]; no activation), or null where
+// this torch has no such op or a different schema for it. Looked up once.
+const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
+  static const auto handle = []() -> c10::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return c10::nullopt;
+    try {
+      return op->typed<LinearPointwise>();
+    } catch (const c10::Error&) {  // another schema: keep the plain path
+      return c10::nullopt;
+    }
+#else
+    return c10::nullopt;
+#endif
+  }();
+  return handle.has_value() ? &*handle : nullptr;
+}
+
+}  // namespace
+
+bool fused_bias_gemm(const LayerDesc& d, const at::Tensor& u, at::ScalarType compute) {
+  if (compute != at::kBFloat16 || d.groups != 1 || u.size(0) == 0 || u.stride(1) != 1) return false;
+  // Read per call, so tests can compare both paths in one process.
+  const char* off = std::getenv("DEFINE_KERNELS_NO_FUSED_BIAS");
+  return (off == nullptr || *off == '\0' || *off == '0') && at::globalContext().userEnabledMkldnn() &&
+         linear_pointwise() != nullptr;
+}
+
+at::Tensor gemm_with_fused_bias(const at::Tensor& u, const at::Tensor& weight, const at::Tensor& bias) {
+  // weight[0] is [in, out]; its transposed view is the [out, in] the op takes (no copy made).
+  return linear_pointwise()->call(u, weight[0].t(), bias.reshape({-1}), "none", c10::List<c10::optional<c10::Scalar>>(),
+                                  c10::nullopt).contiguous();
 }
 
 void layer_gemm_forward(const LayerDesc& d, const at::Tensor& u, const at::Tensor& weight,

@@ -72,6 +72,17 @@ inline bool bias_in_epilogue(at::ScalarType compute) {
   return compute == at::kFloat || compute == at::kDouble;
 }
 
+// Whether this layer's GEMM runs as gemm_with_fused_bias: one group, bf16, on a host with
+// AVX-512 BW/VL/DQ (where ATen's bf16 GEMMs are oneDNN's too) and a torch with oneDNN's linear
+// op. It saves the broadcast copy of the bias into the output and the GEMM's read of it (beta
+// = 1): 15-20% of wt103-base's two big bf16 forward GEMMs. DEFINE_KERNELS_NO_FUSED_BIAS=1 (or
+// torch.backends.mkldnn.enabled = False) keeps the plain path.
+bool fused_bias_gemm(const LayerDesc& d, const at::Tensor& u, at::ScalarType compute);
+
+// A new [rows, w] tensor u weight[0] + bias, the bias added by oneDNN's matmul in fp32 before the
+// one rounding to bf16 (as baddbmm's beta = 1 rounds once); see fused_bias_gemm.
+at::Tensor gemm_with_fused_bias(const at::Tensor& u, const at::Tensor& weight, const at::Tensor& bias);
+
 // The stack input rows: x gathered by ids (or x itself), times scale; [rows, p] contiguous.
 at::Tensor gather_input(const at::Tensor& x, const Plan& plan);
 
