@@ -23,8 +23,8 @@ from define_kernels.workloads import WORKLOADS
 from .cpu_goals import RESULTS, _commit
 from .workloads import batch_ids
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-GEMMS_KEY = "GEMMs (aten::mm, addmm, bmm, baddbmm)"
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+GEMMS_KEY = "GEMMs (aten::mm, addmm, bmm, baddbmm, mkldnn::_linear_pointwise)"
 
 
 def profile_step(mode: str, ids: torch.Tensor, steps: int) -> dict:
