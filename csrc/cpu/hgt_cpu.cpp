@@ -85,7 +85,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
       layer_gemm_forward(d, u, weight, bias, z);
     }
     const bool last = l == L - 1;
-    // The stack's output is a fresh tensor; the layer inputs and pre-norm rows are pooled.
+    // The stack's output is a fresh tensor; the layer inputs and pre-norm rows are pooled (but
+    // for gemm_with_fused_bias's fresh output, which is a kept layer's pre-norm rows itself).
     at::Tensor next = last ? at::empty({plan.rows, d.out_features}, xs.options())
                            : pooled_rows(plan.rows, plan.layers[l + 1].in_features, xs.options());
     at::Tensor pre = keep ? (z_is_pre ? z : pooled_rows(plan.rows, d.out_features, xs.options())) : at::Tensor();
