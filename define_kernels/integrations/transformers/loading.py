@@ -9,6 +9,7 @@ there; afterwards the instance gets its own class back.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import transformers
@@ -90,6 +91,32 @@ def _concrete_class(model_class, config) -> type:
                          f"{type(config).__name__}") from None
 
 
+def _prefix_mapping(config, base: type) -> dict | None:
+    """key_mapping for a checkpoint saved from a task class whose body has another name than
+    `base`'s (Llama's causal LM keeps it in `model.`, its QA class in `transformer.`).
+
+    transformers adds or strips one base-model prefix but does not rename one into another, so
+    such a load would leave the whole body, DeFINE included, at its init.
+    """
+    architectures = getattr(config, "architectures", None) or []
+    source = getattr(transformers, architectures[0], None) if architectures else None
+    if not (isinstance(source, type) and issubclass(source, PreTrainedModel)):
+        return None
+    src, dst = source.base_model_prefix, base.base_model_prefix
+    source_is_body = any(candidate is source for candidate in _base_model_classes(config))
+    if not src or not dst or src == dst or source_is_body:
+        return None
+    return {f"^{re.escape(src)}\\.": f"{dst}."}
+
+
+def _base_model_classes(config) -> list:
+    try:
+        found = transformers.MODEL_MAPPING[type(config)]
+    except KeyError:
+        return []
+    return list(found) if isinstance(found, (list, tuple)) else [found]
+
+
 def _loader_class(base: type, saved: dict) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
@@ -142,7 +169,9 @@ def from_pretrained(pretrained_model_name_or_path, model_class=AutoModelForCausa
     class. Another class than the one saved works as in transformers (causal LM <-> base model
     <-> sequence / token classification / QA): new heads are initialised and reported as
     missing keys, weights the class has no place for as unexpected keys, and the DeFINE weights
-    are always loaded. The saved `tie` applies to a class with an LM head; a class without one
+    are always loaded; where the two classes name the body differently (Llama's causal LM
+    `model.`, its QA class `transformer.`), the body is renamed (a key_mapping, unless one is
+    given), which transformers alone does not do. The saved `tie` applies to a class with an LM head; a class without one
     gets no head. DeFINE weights absent from the checkpoint (e.g. a partial state_dict=) get
     DeFINE's own init and are reported missing. Returns the model in eval mode, or (model,
     loading info) with output_loading_info=True.
@@ -154,6 +183,13 @@ def from_pretrained(pretrained_model_name_or_path, model_class=AutoModelForCausa
     saved, config = _settings_and_config(path, kwargs)
     base = _concrete_class(model_class, config)
     want_info = bool(kwargs.pop("output_loading_info", False))
+    if "key_mapping" not in kwargs and path is not None:
+        try:
+            mapping = _prefix_mapping(_read_config(path, kwargs), base)
+        except (OSError, ValueError):  # weights without a config.json (config= given): no class to read
+            mapping = None
+        if mapping:
+            kwargs["key_mapping"] = mapping
     model, info = _loader_class(base, saved).from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
     model.__class__ = base
     _finish_define(model, set(info.get("missing_keys", ())))
