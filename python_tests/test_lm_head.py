@@ -204,3 +204,23 @@ def test_reference_scratch_is_bounded():
         rows = [s.stop - s.start for s in reference._chunks(tokens, vocab)]
         assert sum(rows) == tokens
         assert max(rows) * vocab <= max(reference.CHUNK_ELEMENTS, vocab)
+
+
+def test_compile_under_autocast():
+    table = torch.randn(300, 16, requires_grad=True)
+    proj = torch.randn(16, 24, requires_grad=True)
+    h = torch.randn(40, 24)
+    targets = torch.randint(0, 300, (40,))
+
+    def step(h, proj, table):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_head_loss(h, table, targets, proj=proj, label_smoothing=0.1)
+
+    eager = step(h, proj, table)
+    eager_grads = torch.autograd.grad(eager, (proj, table))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(h, proj, table)
+    assert_close_scaled(compiled, eager)
+    for grad, want in zip(torch.autograd.grad(compiled, (proj, table)), eager_grads):
+        assert grad.dtype == torch.float32
+        assert_close_scaled(grad, want, dtype=torch.bfloat16)
