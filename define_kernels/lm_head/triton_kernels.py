@@ -17,6 +17,8 @@ import triton.language as tl
 # so its sum of exponentials is rescaled with (m_old - m_new) / tau.
 M, L, Z_SUM, Z_TARGET, L_ZT, M_S, L_S, GAP = range(8)
 STATE_ROWS = 8
+# the same row numbers as constexprs, the only globals a compiled kernel may read
+_M, _L, _Z_SUM, _Z_TARGET, _L_ZT, _M_S, _L_S, _GAP = (tl.constexpr(row) for row in range(STATE_ROWS))
 
 
 @triton.jit
@@ -28,14 +30,14 @@ def lm_head_stats_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     state = state_ptr + rows
-    m = tl.load(state + M * stride_state, mask=row_ok, other=0.0)
-    total = tl.load(state + L * stride_state, mask=row_ok, other=0.0)
-    z_sum = tl.load(state + Z_SUM * stride_state, mask=row_ok, other=0.0)
+    m = tl.load(state + _M * stride_state, mask=row_ok, other=0.0)
+    total = tl.load(state + _L * stride_state, mask=row_ok, other=0.0)
+    z_sum = tl.load(state + _Z_SUM * stride_state, mask=row_ok, other=0.0)
     if AUGMENTED:
-        total_zt = tl.load(state + L_ZT * stride_state, mask=row_ok, other=0.0)
-        m_s = tl.load(state + M_S * stride_state, mask=row_ok, other=0.0)
-        total_s = tl.load(state + L_S * stride_state, mask=row_ok, other=0.0)
-        gap = tl.load(state + GAP * stride_state, mask=row_ok, other=0.0)
+        total_zt = tl.load(state + _L_ZT * stride_state, mask=row_ok, other=0.0)
+        m_s = tl.load(state + _M_S * stride_state, mask=row_ok, other=0.0)
+        total_s = tl.load(state + _L_S * stride_state, mask=row_ok, other=0.0)
+        gap = tl.load(state + _GAP * stride_state, mask=row_ok, other=0.0)
     for start in range(0, VC, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_ok = cols < VC
@@ -67,15 +69,15 @@ def lm_head_stats_kernel(
     picked = tl.load(z_ptr + rows * stride_z + local, mask=hit, other=0.0).to(tl.float32)
     if HAS_BIAS:
         picked += tl.load(bias_ptr + local, mask=hit, other=0.0).to(tl.float32)
-    tl.store(state + Z_TARGET * stride_state, picked, mask=hit)
-    tl.store(state + M * stride_state, m, mask=row_ok)
-    tl.store(state + L * stride_state, total, mask=row_ok)
-    tl.store(state + Z_SUM * stride_state, z_sum, mask=row_ok)
+    tl.store(state + _Z_TARGET * stride_state, picked, mask=hit)
+    tl.store(state + _M * stride_state, m, mask=row_ok)
+    tl.store(state + _L * stride_state, total, mask=row_ok)
+    tl.store(state + _Z_SUM * stride_state, z_sum, mask=row_ok)
     if AUGMENTED:
-        tl.store(state + L_ZT * stride_state, total_zt, mask=row_ok)
-        tl.store(state + M_S * stride_state, m_s, mask=row_ok)
-        tl.store(state + L_S * stride_state, total_s, mask=row_ok)
-        tl.store(state + GAP * stride_state, gap, mask=row_ok)
+        tl.store(state + _L_ZT * stride_state, total_zt, mask=row_ok)
+        tl.store(state + _M_S * stride_state, m_s, mask=row_ok)
+        tl.store(state + _L_S * stride_state, total_s, mask=row_ok)
+        tl.store(state + _GAP * stride_state, gap, mask=row_ok)
 
 
 @triton.jit
