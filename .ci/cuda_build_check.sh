@@ -8,7 +8,9 @@
 #   3. the Triton kernels compiled for sm_90a (GPUTarget cuda/90) in bf16, fp16 and fp32: at
 #      wt103-base every forward autotune config and every backward kernel of each dtype; at the
 #      other standard workloads each dtype's pinned forward tile and the bf16 backward of their
-#      layer shapes; the CUDA kernels (every csrc/cuda/*.cu, every dtype) for sm_90 (what the
+#      layer shapes; the LM-head loss's two Triton kernels at their launch tiles, every dtype,
+#      plain CE and augmented + bias (bench/resource_lm_head.py, about 10 s);
+#      the CUDA kernels (every csrc/cuda/*.cu, every dtype) for sm_90 (what the
 #      build ships for H100/H200; sm_90a gives the same resources and is in the full report);
 #      into a resource report, and python_tests/test_cuda_compile.py (toolkit discovery + the
 #      resource gate, which also checks that every dtype is covered) on it. The full report
@@ -79,7 +81,7 @@ stage "Triton for sm_90a + CUDA for sm_90: resource report"
 # every forward autotune config and backward kernel at wt103-base; elsewhere the pinned forward
 # tile per dtype and the bf16 backward (fp16's backward kernels are bf16's tiles in another
 # 16-bit type; all three dtypes were +135 s, this subset +73 s, on the shared 2-core machine);
-# CUDA: every csrc/cuda/*.cu for sm_90.
+# CUDA: every csrc/cuda/*.cu for sm_90; lm_head: both LM-head kernels (the default --backends).
 "$PY" -m bench.resource_report --out "$WORK" --stem resource --dtypes bfloat16,float16,float32 \
     --all-configs-workloads wt103-base --backward-everywhere-for bfloat16 --cuda-archs sm_90
 done_stage "resource report"

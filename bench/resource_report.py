@@ -1,7 +1,7 @@
 """`python -m bench.resource_report`: compile-time resource usage of every GPU kernel, no GPU needed.
 
 Per kernel and config (Triton: every forward autotune config and the backward kernels of every
-layer; CUDA: every kernel instantiation of every csrc/cuda/*.cu, for sm_90 -- what the build's
+layer, and the LM-head loss's two kernels (bench/resource_lm_head.py); CUDA: every kernel instantiation of every csrc/cuda/*.cu, for sm_90 -- what the build's
 TORCH_CUDA_ARCH_LIST 9.0 ships for H100/H200 -- and sm_90a), for bf16/fp16/fp32 and the
 standard workloads (define_kernels/workloads.py): registers, spilled bytes, shared memory,
 blocks/SM and occupancy on H100/H200 (sm_90), the tensor-core instruction kind (wgmma /
@@ -492,7 +492,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all-configs-workloads", default="",
                         help="comma-separated workloads whose forward gets every autotune config "
                              "(default: all; the others the pinned tiles)")
-    parser.add_argument("--backends", default="triton,cuda")
+    parser.add_argument("--backends", default="triton,cuda,lm_head",
+                        help="triton (HGT), cuda (HGT), lm_head (the LM-head loss's Triton kernels)")
     parser.add_argument("--backward-for", default="bfloat16,float16,float32",
                         help="dtypes whose Triton backward kernels are compiled ('' for none)")
     parser.add_argument("--backward-everywhere-for", default=None,
@@ -524,8 +525,11 @@ def main(argv=None) -> int:
                                          args.backward_for.split(","), args.jobs, every, everywhere)
         elif backend == "cuda":
             rows += cuda_rows(workloads, dtypes, args.jobs, [a for a in args.cuda_archs.split(",") if a])
+        elif backend == "lm_head":
+            from bench.resource_lm_head import lm_head_rows
+            rows += lm_head_rows(dtypes)
         else:
-            parser.error(f"--backends: unknown backend {backend!r} (triton, cuda)")
+            parser.error(f"--backends: unknown backend {backend!r} (triton, cuda, lm_head)")
         print(f"resource_report: {backend} compiled in {time.perf_counter() - started:.1f} s", flush=True)
     from bench import report
     stem = args.stem or f"resource_{time.strftime('%Y-%m-%d')}_{report.commit_id()}"

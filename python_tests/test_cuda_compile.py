@@ -265,7 +265,8 @@ def test_gate_covers_every_dtype(report_rows):
     """The gate is only as good as what it compiled: every dtype of every Triton kernel (forward,
     and each backward kernel) and of the CUDA forward / backward GEMMs must be in the report."""
     wanted = set(resource_report.DTYPES)
-    kernels = {"triton": ("hgt_forward", "epilogue_backward", "weight_grad", "input_grad"),
+    kernels = {"triton": ("hgt_forward", "epilogue_backward", "weight_grad", "input_grad", "lm_head_stats",
+                          "lm_head_grad"),
                "cuda": ("hgt_forward_kernel", "hgt_wgrad_kernel", "hgt_dgrad_kernel")}
     missing = []
     for backend, names in kernels.items():

@@ -15,7 +15,7 @@ from ..backends import BackendUnavailableError
 from .contract import LMHeadSpec
 
 AUTO = "auto"
-_BUILTIN_MODULES = ("reference_backend", "cpu_cpp")
+_BUILTIN_MODULES = ("reference_backend", "cpu_cpp", "triton_backend")
 
 
 def _no_reason() -> Optional[str]:
