@@ -18,7 +18,10 @@ from define_kernels.relatives import AugmentedLoss
 
 import expectations
 
-BACKENDS = ["reference", "cpu_cpp"]
+BACKENDS = ["reference", "cpu_cpp", "triton"]
+# The random-config and fuzz sweeps: the Triton interpreter runs them at ~100x the others' time,
+# so triton's value checks at small sizes are python_tests/test_lm_head_triton.py's.
+SWEEP_BACKENDS = ["reference", "cpu_cpp"]
 OPTION_KEYS = ("label_smoothing", "z_loss", "alpha", "tau", "kl_scale", "padding_idx", "detach_target")
 
 

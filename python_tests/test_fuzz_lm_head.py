@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_strategies import budget
-from lm_head_cases import BACKENDS, Case
+from lm_head_cases import SWEEP_BACKENDS, Case
 from test_lm_head import _expected, _run, _zeros_if_none
 from tolerances import assert_close_scaled
 
@@ -30,7 +30,7 @@ def cases(draw):
                 reduction=draw(st.sampled_from(["mean", "sum", "none"])), options=options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SWEEP_BACKENDS)
 @budget(25)
 @given(case=cases(), seed=st.integers(0, 2**16))
 def test_fuzz_matches_unfused(backend, case, seed):
