@@ -76,7 +76,7 @@ def test_output_loading_info_device_map_and_config(family, tmp_path):
         assert ours[0] == theirs[0], (ours, theirs)
         if ours[0] == "ok":
             assert {p.device.type for p in ours[1].parameters()} == {"cpu"}
-            assert ours[1].hf_device_map == theirs[1].hf_device_map
+            assert getattr(ours[1], "hf_device_map", None) == getattr(theirs[1], "hf_device_map", None)
         else:
             assert ours[1] == theirs[1]
     config = transformers.AutoConfig.from_pretrained(path)
