@@ -186,7 +186,6 @@ def test_state_dict_argument_and_partial_checkpoints_are_reported(family):
     assert info["missing_keys"] == {dropped, "lm_head.proj.weight"} and info["unexpected_keys"] == {"bogus.weight"}
     layer = hf.define_embedding(loaded).hgt.layers[0].weight.detach()
     fresh = hf.define_embedding(converted(family)[0]).hgt.layers[0].weight.detach()
-    torch.manual_seed(1)
     assert torch.isfinite(layer).all() and not torch.equal(layer, saved_layer)  # DeFINE's own init
     assert 0.7 < (layer.std() / fresh.std()).item() < 1.4
     kept = {k: v for k, v in define_state(model).items() if k != "hgt.layers.0.weight"}
