@@ -217,9 +217,15 @@ def test_bad_arguments_are_named(tmp_path):
         hf.from_pretrained(None)
 
 
-def test_supported_range_is_what_setup_py_asks_for():
-    setup = open(os.path.join(os.path.dirname(__file__), "..", "setup.py"), encoding="utf-8").read()
+def test_supported_range_is_what_setup_py_asks_for(monkeypatch, tmp_path):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    setup = open(os.path.join(root, "setup.py"), encoding="utf-8").read()
     low, high = re.search(r'"transformers>=([0-9.]+),<([0-9]+)"', setup).groups()
     assert tuple(int(x) for x in low.split(".")) == hf.MIN_TRANSFORMERS
+    ci = open(os.path.join(root, ".ci", "run"), encoding="utf-8").read()
+    assert re.search(r"^HF_LOWEST=([0-9.]+)$", ci, re.M).group(1) in (low, low + ".0")  # CI tests the floor
     installed = tuple(int(x) for x in re.findall(r"[0-9]+", transformers.__version__)[:2])
     assert hf.MIN_TRANSFORMERS <= installed < (int(high), 0)
+    monkeypatch.setattr(transformers, "__version__", "5.3.0")  # below the range: a clear error
+    with pytest.raises(ImportError, match=r"transformers>=5\.4.*5\.3\.0"):
+        hf.from_pretrained(tmp_path)
