@@ -92,7 +92,8 @@ setup(
     ],
     extras_require={
         "triton": ['triton; platform_system == "Linux"'],
-        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis",
+        # accelerate: transformers' device_map needs it (python_tests/test_hf_loading.py)
+        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis", "accelerate",
                  'triton; platform_system == "Linux"'],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
         # define_kernels.integrations.transformers; CI runs its tests at both ends of the range

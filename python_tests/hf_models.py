@@ -36,10 +36,10 @@ def llama():
 FAMILIES = {"gpt2": gpt2, "llama": llama}
 
 
-def converted(family, model_class=None, **options):
-    """A DeFINE model of `family` (default its causal LM) in eval mode, and the report."""
+def converted(family, **options):
+    """A DeFINE causal LM of `family` in eval mode, and the report."""
     torch.manual_seed(0)
-    model = FAMILIES[family]() if model_class is None else model_class(CONFIGS[family]())
+    model = FAMILIES[family]()
     report = hf.use_define(model, **{**DEFINE, **options})
     return model.eval(), report  # eval: GPT-2's own dropout would make logits random
 
