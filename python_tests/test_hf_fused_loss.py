@@ -14,12 +14,12 @@ from test_hf import DEFINE, VOCAB, gpt2, llama  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 
-def converted(make, tie="map"):
+def converted(make, tie="map", fused_loss=False):
     torch.manual_seed(0)
     model = make()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        use_define(model, tie=tie, **DEFINE)
+        use_define(model, tie=tie, fused_loss=fused_loss, **DEFINE)
     model.config.use_cache = False
     return model.train()
 
@@ -100,3 +100,23 @@ def test_fused_loss_options_and_errors():
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="model_type 'bert'"):
         enable_fused_loss(bert)
+
+
+def test_use_define_turns_it_on_and_the_loader_restores_it(tmp_path):
+    from define_kernels.integrations.transformers import from_pretrained
+    model = converted(gpt2, fused_loss="auto")
+    ids, labels = batch()
+    assert model(input_ids=ids, labels=labels).logits is None  # fused by default
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path).train()
+    assert loaded(input_ids=ids, labels=labels).logits is None
+    plain = converted(gpt2, fused_loss=False)
+    assert plain(input_ids=ids, labels=labels).logits is not None
+    classifier = transformers.GPT2ForSequenceClassification(gpt2().config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        use_define(classifier, **DEFINE)  # "auto": no LM head, nothing to fuse
+        with pytest.raises(ValueError, match="fused loss supports"):
+            use_define(transformers.GPT2ForSequenceClassification(gpt2().config), fused_loss=True, **DEFINE)
+        with pytest.raises(ValueError, match="fused_loss must be"):
+            use_define(gpt2(), fused_loss="yes", **DEFINE)

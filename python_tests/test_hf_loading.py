@@ -226,6 +226,7 @@ def test_supported_range_is_what_setup_py_asks_for(monkeypatch, tmp_path):
     assert re.search(r"^HF_LOWEST=([0-9.]+)$", ci, re.M).group(1) in (low, low + ".0")  # CI tests the floor
     installed = tuple(int(x) for x in re.findall(r"[0-9]+", transformers.__version__)[:2])
     assert hf.MIN_TRANSFORMERS <= installed < (int(high), 0)
-    monkeypatch.setattr(transformers, "__version__", "5.3.0")  # below the range: a clear error
+    # the module object the loader reads: transformers may replace its own entry in sys.modules
+    monkeypatch.setattr(hf.loading.transformers, "__version__", "5.3.0")  # below the range: a clear error
     with pytest.raises(ImportError, match=r"transformers>=5\.4.*5\.3\.0"):
         hf.from_pretrained(tmp_path)

@@ -17,12 +17,14 @@ from ...define import DeFINE
 from ...relatives._checks import check_hidden
 from ...relatives.tied import TiedOutput
 from . import size_advice
+from .fused_loss import enable_fused_loss, supports_fused_loss
 from .vocab import resize_token_embeddings
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "define_kernels"  # the entry of model.config holding the settings
 FORMAT_VERSION = 1
+FUSED_LOSS_CHOICES = ("auto", True, False)
 TIE_CHOICES = ("map", "none")
 
 
@@ -77,7 +79,7 @@ def _replace_module(model: nn.Module, module: nn.Module, replacement: nn.Module)
 
 def use_define(model, *, map_dim: int = 128, expand_dim: int = 1024, depth: int = 4,
                max_groups: int = 8, tie: str = "map", head_bias: bool = False,
-               padding_idx="inherit", **define_options) -> ConversionReport:
+               padding_idx="inherit", fused_loss="auto", **define_options) -> ConversionReport:
     """Turn `model` (a PreTrainedModel) into a DeFINE model, in place.
 
     Args:
@@ -94,21 +96,28 @@ def use_define(model, *, map_dim: int = 128, expand_dim: int = 1024, depth: int 
         head_bias: a learned per-word output bias on the tied head (default none, as Inan et al.).
         padding_idx: "inherit" (default) takes the padding index of the replaced nn.Embedding
             (Llama's pad_token_id, none for GPT-2); None or an index overrides it.
+        fused_loss: "auto" (default) computes the training loss (forward with labels, training
+            mode) through the fused LM head, without [tokens x V] logits, where the family
+            supports it (GPT-2, Llama causal LMs; fused_loss.py); True requires it (ValueError
+            elsewhere); False keeps the model's own loss. Stored with the settings, so
+            from_pretrained restores it; loss options: fused_loss.enable_fused_loss.
 
     Returns a ConversionReport with the parameter counts before and after (also logged).
     """
     report = convert(model, dict(map_dim=map_dim, expand_dim=expand_dim, depth=depth, max_groups=max_groups,
-                                 padding_idx=padding_idx, **define_options), tie, head_bias)
+                                 padding_idx=padding_idx, **define_options), tie, head_bias, fused_loss)
     if report.parameters_after > report.parameters_before:
         warnings.warn(size_advice.message(model, report, tie), DeFINESizeWarning, stacklevel=2)
     return report
 
 
-def convert(model, settings: dict, tie: str, head_bias: bool) -> ConversionReport:
+def convert(model, settings: dict, tie: str, head_bias: bool, fused_loss="auto") -> ConversionReport:
     """use_define without the size warning (the loader replays saved settings with it)."""
     _check_model(model)
     if tie not in TIE_CHOICES:
         raise ValueError(f"tie must be one of {TIE_CHOICES}, got {tie!r}")
+    if not (isinstance(fused_loss, bool) or fused_loss == "auto"):
+        raise ValueError(f"fused_loss must be one of {FUSED_LOSS_CHOICES}, got {fused_loss!r}")
     old = model.get_input_embeddings()
     if isinstance(old, DeFINE):
         raise ValueError("the model already uses DeFINE input embeddings")
@@ -137,7 +146,9 @@ def convert(model, settings: dict, tie: str, head_bias: bool) -> ConversionRepor
     text_config.tie_word_embeddings = model.config.tie_word_embeddings = False
     drop_stale_ties(model)
     setattr(model.config, CONFIG_KEY, {"format": FORMAT_VERSION, "tie": tie, "head_bias": head_bias,
-                                       "define": settings})
+                                       "define": settings, "fused_loss": fused_loss})
+    if fused_loss is True or (fused_loss == "auto" and supports_fused_loss(model)):
+        enable_fused_loss(model)
     model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
 
     head = ("tied" if tie == "map" else "untied") if has_head else "none"

@@ -120,7 +120,7 @@ def _base_model_classes(config) -> list:
 def _loader_class(base: type, saved: dict) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        convert(self, saved["define"], saved["tie"], saved["head_bias"])
+        convert(self, saved["define"], saved["tie"], saved["head_bias"], saved.get("fused_loss", "auto"))
         for _, embedding in _define_modules(self):
             # transformers' init knows no DeFINE: missing DeFINE weights are set after the load
             for module in embedding.modules():
