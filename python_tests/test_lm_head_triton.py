@@ -158,13 +158,19 @@ def test_no_kept_tokens(tokens):
 
 
 def test_one_chunk_equals_many(monkeypatch):
-    """The chunking changes only the order of fp32 sums: one chunk and many agree closely."""
+    """The chunking changes only the order of fp32 sums: one chunk and many agree closely.
+    (Scratch for one column tile per chunk: 16 columns interpreted, 128-256 on a GPU.)"""
     options = dict(bias=True, alpha=0.5, label_smoothing=0.1, padding_idx=3)
-    x, table, bias, targets = _inputs(130, 5, 10, options)
+    tokens, vocab = 6, 300  # past 256 columns: two chunks on a GPU too
+    x, table, bias, targets = _inputs(vocab, 5, tokens, options)
     _, _, weight = _unfused(x, table, bias, targets, options, torch.float64)
+    monkeypatch.setattr(triton_backend, "INTERPRETER_SCRATCH_ELEMENTS", tokens)
+    monkeypatch.setattr(triton_backend, "SCRATCH_ELEMENTS", tokens)
+    block = triton_backend.tiles()["grad"]["BLOCK_V"]
+    assert triton_backend.chunk_columns(tokens, vocab, block) == block < vocab
     many = _fused(x, table, bias, targets, options, torch.float32, weight)
-    monkeypatch.setattr(triton_backend, "INTERPRETER_SCRATCH_ELEMENTS", 1 << 20)
-    monkeypatch.setattr(triton_backend, "SCRATCH_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(triton_backend, "INTERPRETER_SCRATCH_ELEMENTS", 1 << 24)
+    monkeypatch.setattr(triton_backend, "SCRATCH_ELEMENTS", 1 << 24)
     one = _fused(x, table, bias, targets, options, torch.float32, weight)
     for a, b, label in zip(many[0] + many[1], one[0] + one[1], NAMES):
         assert_close(a.cpu(), b.cpu(), dtype=torch.float32, name=label)

@@ -222,7 +222,10 @@ def backward(grad_loss, x, table, bias, targets, stats, spec: LMHeadSpec):
                 grad_x.addmm_(dz, table_c)
             else:  # the 16-bit GEMM rounds each chunk's share once; the sum over chunks is fp32
                 grad_x += torch.mm(dz, table_c).float()
-            grad_table[start:start + width] = torch.mm(dz.t(), chunks.x)
+            if grad_table.dtype == chunks.dtype:
+                torch.mm(dz.t(), chunks.x, out=grad_table[start:start + width])
+            else:  # autocast's fp32 table: the 16-bit GEMM's result, as reference.py rounds it
+                grad_table[start:start + width] = torch.mm(dz.t(), chunks.x)
             if bias is not None:
                 grad_bias[start:start + width] = partial_c.sum(0)
     if spec.padding_idx is not None:
