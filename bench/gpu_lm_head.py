@@ -122,7 +122,8 @@ def torch_chunked_loss():
         return None, f"torch {torch.__version__} has no F.linear_cross_entropy"
     options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if options_cls is None:
-        return None, f"torch {torch.__version__} has F.linear_cross_entropy without LinearCrossEntropyOptions (unchunked)"
+        return None, (f"torch {torch.__version__} has F.linear_cross_entropy but no LinearCrossEntropyOptions "
+                      f"(unchunked)")
     return (lambda h, table, targets: F.linear_cross_entropy(h, table, targets, options=options_cls())), None
 
 
