@@ -76,7 +76,7 @@ def input_reasons(x, table, spec: LMHeadSpec) -> List[str]:
 # Launch tiles on a GPU. sm_90a compiles (bench.resource_report, every dtype, augmented or not):
 # the stats kernel holds seven running [BLOCK_N] vectors besides its tiles and reached 255
 # registers with 208 B spilled at 16 x 128 (4 warps, augmented); 4 x 256 gives 48-80 registers.
-# The gradient kernel: 192 registers at 16 x 128 (augmented), 56-108 at 8 x 128. Small row tiles
+# The gradient kernel: 192 registers at 16 x 128 (augmented), 62-108 at 8 x 128. Small row tiles
 # also give N / 4 programs (2,048 at N = 8,192) to stream the scratch with.
 GPU_TILES = dict(stats=dict(BLOCK_N=4, BLOCK_V=256, num_warps=4, num_stages=3),
                  grad=dict(BLOCK_N=8, BLOCK_V=128, ROWS_PER_PROGRAM=256, num_warps=4, num_stages=3))
