@@ -13,8 +13,8 @@ timing       wt103-base's output layer (V = 267,735, n = 128) at T = 4,096 and 8
              LinearCrossEntropyOptions() where the installed torch has it (else a row saying so).
              Median (p20-p80) ms from bench.timing and torch.cuda.max_memory_allocated over one
              step (inputs included).
-Exit 1 on any mismatch, error or timing failure. `--dry-run`: CPU, Triton's interpreter (the
-caller sets TRITON_INTERPRET=1), tiny sizes, one rep: the plumbing only.
+Exit 1 on any mismatch, error or timing failure. `--dry-run`: CPU, Triton's interpreter
+(TRITON_INTERPRET=1 unless set), tiny sizes, one rep: the plumbing only.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import sys
 import time
 import traceback
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from define_kernels.lm_head import lm_head_loss, triton_backend
+from define_kernels.lm_head import lm_head_loss
 from bench import timing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ def _run(backend, h, table, bias, targets, options, dtype, weight):
 
 def check_case(options, dtype, device, tokens, vocab, width, tol) -> None:
     """Raises AssertionError naming the tensor on a mismatch."""
+    from define_kernels.lm_head import triton_backend  # registers it: after main() set the environment
     h = torch.randn(tokens, width, device=device, dtype=torch.float64)
     table = 0.5 * torch.randn(vocab, width, device=device, dtype=torch.float64)
     bias = 0.3 * torch.randn(vocab, device=device, dtype=torch.float64) if options.get("bias") else None
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="timing rows")
     args = parser.parse_args(argv)
     if args.dry_run:
+        # before the first use imports triton (and the registry reads it): CPU tensors need the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         args.device, args.check_tokens, args.check_vocab, args.check_width = "cpu", 23, 70, 8
         # the interpreter runs every program in Python: a few programs per launch at most
         args.vocab, args.width, args.tokens, args.reps, args.warmup = 61, 8, "8", 1, 1
