@@ -186,6 +186,10 @@ def test_chunk_columns_bound_the_scratch():
             budget = triton_backend.INTERPRETER_SCRATCH_ELEMENTS if triton_backend._interpreting() \
                 else triton_backend.SCRATCH_ELEMENTS
             assert tokens * columns <= max(budget, tokens * block)
+    augmented = LMHeadSpec(alpha=0.5)
+    assert triton_backend.workspace_bytes(8192, 267_735, augmented, torch.bfloat16) == \
+        triton_backend.workspace_bytes(8192, 10**7, augmented, torch.bfloat16) == \
+        2 * triton_backend.workspace_bytes(8192, 10**7, LMHeadSpec(), torch.bfloat16)
 
 
 def test_reasons_and_auto_selection():

@@ -97,6 +97,13 @@ def chunk_columns(tokens: int, vocab: int, block: int) -> int:
     return min(columns, -(-vocab // block) * block)
 
 
+def workspace_bytes(tokens: int, vocab: int, spec: LMHeadSpec, dtype: torch.dtype) -> int:
+    """Bytes of the per-call [N, Vc] chunk scratch in the compute dtype (logits, and similarity
+    logits for the augmented loss): bounded by SCRATCH_ELEMENTS whatever the vocabulary."""
+    columns = min(chunk_columns(tokens, vocab, tiles()["stats"]["BLOCK_V"]), vocab)
+    return tokens * columns * dtype.itemsize * (2 if spec.augmented else 1)
+
+
 def _table_chunk(table, start: int, stop: int, dtype, padding_idx: Optional[int]) -> torch.Tensor:
     """Rows [start, stop) of the table in the GEMM dtype, the padding row read as zero."""
     chunk = table[start:stop]
