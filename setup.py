@@ -63,6 +63,20 @@ setup(
     description="DeFINE embeddings (Mehta et al., ICLR 2020) with fused Triton, CUDA and C++ kernels",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    author="the define-kernels authors",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    keywords=["pytorch", "embeddings", "define", "language-modeling", "triton", "cuda"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.9",
     # csrc/ lives at the top of the repo and is installed as define_kernels/csrc, so the JIT build
     # finds it after a non-editable install too.
@@ -78,10 +92,12 @@ setup(
     ],
     extras_require={
         "triton": ['triton; platform_system == "Linux"'],
-        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis",
+        # accelerate: transformers' device_map needs it (python_tests/test_hf_loading.py)
+        "test": ["pytest", "pytest-benchmark", "expecttest", "numpy", "hypothesis", "accelerate",
                  'triton; platform_system == "Linux"'],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib", "numpy"],
-        "hf": ["transformers"],  # define_kernels.integrations.transformers
+        # define_kernels.integrations.transformers; CI runs its tests at both ends of the range
+        "hf": ["transformers>=5.4,<6"],
     },
     **extension_options(),
 )

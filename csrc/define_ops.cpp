@@ -13,7 +13,11 @@
 // table_grad (CPU) is the autograd rules' scatter of per-row gradients into the table's dense
 // gradient (zeros [num_rows, width] + grad_rows at ids) without a table-sized zero fill;
 // table_grad_into adds grad_rows at ids into a given table.
-// The CPU buffer pool's tensor-less ops (buffer_pool_*) are defined in cpu/buffer_pool.cpp.
+// lm_head_forward / lm_head_backward (CPU): the fused LM-head loss of SPEC §4b over vocabulary
+// tiles (cpu/lm_head.cpp): per-token loss, ce, kl and stats [T, 3] = (lse, lse(z/τ), lse(s));
+// the backward takes the per-token upstream gradient and those stats.
+// The CPU buffer pool's tensor-less ops (buffer_pool_*) are defined in cpu/buffer_pool.cpp, and
+// lm_head_workspace_bytes in cpu/lm_head.cpp.
 #include <torch/library.h>
 
 #ifdef DEFINE_KERNELS_PYTHON_MODULE
@@ -36,4 +40,11 @@ TORCH_LIBRARY(define_kernels_C, m) {
         "int[] layers, bool shuffle, float dropout, float scale, int seed) -> (Tensor, Tensor[])");
   m.def("table_grad(Tensor grad_rows, Tensor ids, int num_rows) -> Tensor");
   m.def("table_grad_into(Tensor(a!) table, Tensor grad_rows, Tensor ids) -> ()");
+  m.def("lm_head_forward(Tensor x, Tensor table, Tensor? bias, Tensor targets, int padding_idx, "
+        "float label_smoothing, float z_loss, bool augmented, float kl_coef, float tau, "
+        "ScalarType compute_dtype) -> (Tensor loss, Tensor ce, Tensor kl, Tensor stats)");
+  m.def("lm_head_backward(Tensor grad_loss, Tensor x, Tensor table, Tensor? bias, Tensor targets, "
+        "Tensor stats, int padding_idx, float label_smoothing, float z_loss, bool augmented, "
+        "float kl_coef, float tau, ScalarType compute_dtype) -> (Tensor grad_x, Tensor grad_table, "
+        "Tensor grad_bias)");
 }

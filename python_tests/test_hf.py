@@ -1,6 +1,10 @@
 """Hugging Face integration: GPT-2 and Llama from tiny configs (no download) turned into DeFINE
-models; parameter counts, tied logits by hand, training, generate, save/reload, tie_weights,
-resize_token_embeddings."""
+models; parameter counts and the size warning, tied logits by hand, training, generate,
+save/reload, tie_weights and the tying metadata, resize_token_embeddings, new-token map rows.
+Loading (from_pretrained's transformers parity): test_hf_loading.py."""
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,44 +14,8 @@ transformers = pytest.importorskip("transformers", reason="the [hf] extra (trans
 from define_kernels import DeFINE  # noqa: E402
 from define_kernels.integrations import transformers as hf  # noqa: E402
 from define_kernels.relatives import TiedOutput  # noqa: E402
+from hf_models import DEFINE, FAMILIES, HIDDEN, VOCAB, batch, converted, gpt2, llama, logits  # noqa: E402
 from tolerances import assert_close  # noqa: E402
-
-VOCAB, HIDDEN = 1000, 64
-DEFINE = dict(map_dim=16, expand_dim=64, depth=2, max_groups=2)
-
-
-def gpt2():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64,
-                                     bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                                      eos_token_id=2)
-    return transformers.LlamaForCausalLM(config)
-
-
-FAMILIES = {"gpt2": gpt2, "llama": llama}
-
-
-def converted(family, **options):
-    torch.manual_seed(0)
-    model = FAMILIES[family]()
-    report = hf.use_define(model, **{**DEFINE, **options})
-    return model.eval(), report  # eval: GPT-2's own dropout would make logits random
-
-
-def batch(seed=1, vocab=VOCAB):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (2, 12), generator=generator)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def has_full_table(model, vocab):
@@ -238,3 +206,122 @@ def test_bad_arguments_are_named():
         hf.use_define(model)
     with pytest.raises(ValueError, match="JSON"):
         hf.use_define(gpt2(), backend=object())
+
+
+def shared_storage_pairs(model):
+    """{(name, name)} of distinct parameter names that share storage (what the model really ties)."""
+    seen, pairs = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = param.untyped_storage().data_ptr()
+        if key in seen:
+            pairs.add((name, seen[key]))
+        else:
+            seen[key] = name
+    return pairs
+
+
+def declared_ties(model):
+    """Every tie the model declares, by parameter name (transformers' bookkeeping)."""
+    declared = set(model.get_expanded_tied_weights_keys(all_submodels=True).items())
+    for prefix, module in model.named_modules():
+        if isinstance(module, transformers.PreTrainedModel) and module._tied_weights_keys:
+            keys = module._tied_weights_keys
+            declared |= {(f"{prefix}.{t}".lstrip("."), f"{prefix}.{s}".lstrip(".")) for t, s in
+                         (keys.items() if isinstance(keys, dict) else ((k, "") for k in keys))}
+    return declared
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tie", ["map", "none"])
+def test_tying_metadata_matches_what_the_model_shares(family, tie):
+    model = FAMILIES[family]()
+    assert "lm_head.weight" in type(model)._tied_weights_keys  # the class declares the HF tie
+    model, _ = converted(family, tie=tie)
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    assert "lm_head.weight" not in declared_ties(model) and "lm_head.weight" not in str(declared_ties(model))
+    for target, source in declared_ties(model):  # nothing declared may name a parameter that is gone
+        assert target in names and (not source or source in names), (target, source)
+    assert model.all_tied_weights_keys == {} and set(model.all_tied_weights_keys.items()) == shared_storage_pairs(model)
+    assert model.config.tie_word_embeddings is False and model.config.get_text_config().tie_word_embeddings is False
+    ids = batch()
+    expected = logits(model, ids)
+    model.tie_weights()  # recomputes the mapping from the config: still nothing to tie by name
+    assert torch.equal(logits(model, ids), expected) and model.all_tied_weights_keys == {}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_conversion_of_models_without_an_lm_head(family):
+    """Base models and classifiers convert with the defaults: no head to tie, tie kept for later."""
+    config = {"gpt2": gpt2, "llama": llama}[family]().config
+    for model_class in (transformers.AutoModel, transformers.AutoModelForSequenceClassification):
+        model = model_class.from_config(config)
+        report = hf.use_define(model, **DEFINE)
+        assert report.head == "none" and "no LM head" in str(report)
+        assert model.get_output_embeddings() is None and isinstance(model.get_input_embeddings(), DeFINE)
+        assert model.config.define_kernels["tie"] == "map"
+        assert not any(isinstance(m, TiedOutput) for m in model.modules())
+
+
+@pytest.mark.parametrize("tie", ["map", "none"])
+def test_small_model_warns_with_options_that_do_shrink_it(tie):
+    """A GPT-2 with V=5,000 and width 128 grows under the defaults; the warning's options shrink it."""
+    config = transformers.GPT2Config(vocab_size=5000, n_embd=128, n_layer=1, n_head=2, n_positions=32,
+                                     bos_token_id=1, eos_token_id=2)
+    before = hf.count_parameters(transformers.GPT2LMHeadModel(config))
+    with pytest.warns(hf.DeFINESizeWarning, match="larger") as record:
+        report = hf.use_define(transformers.GPT2LMHeadModel(config), tie=tie)
+    assert report.parameters_after > report.parameters_before == before
+    text = str(record[0].message)
+    assert f"{report.parameters_before:,}" in text and f"{report.parameters_after:,}" in text
+    options = eval(f"dict({re.search(r'use_define[(]model, (.*?)[)] gives', text).group(1)})")  # noqa: S307
+    promised = int(re.search(r"gives ([0-9,]+) parameters", text).group(1).replace(",", ""))
+    assert ("tie" in options) == (tie == "none")  # an untied head is the first thing to tie
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.DeFINESizeWarning)
+        smaller = hf.use_define(transformers.GPT2LMHeadModel(config), **{"tie": tie, **options})
+    assert smaller.parameters_after == promised < before
+
+
+def test_no_size_warning_where_define_shrinks_the_model():
+    config = transformers.GPT2Config(vocab_size=20000, n_embd=256, n_layer=1, n_head=2, n_positions=32,
+                                     bos_token_id=1, eos_token_id=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.DeFINESizeWarning)
+        report = hf.use_define(transformers.GPT2LMHeadModel(config))  # the defaults
+    assert report.parameters_after < report.parameters_before
+
+
+def test_size_warning_says_when_nothing_shrinks_the_model():
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                     bos_token_id=1, eos_token_id=2)
+    with pytest.warns(hf.DeFINESizeWarning, match="keep nn.Embedding"):
+        hf.use_define(transformers.GPT2LMHeadModel(config), map_dim=16, expand_dim=64, depth=2, max_groups=2)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_init_map_rows_sets_new_tokens_from_the_mean(family):
+    """The DeFINE form of `embeddings.weight[new_ids] = embeddings.weight[:old].mean(0)`."""
+    model, _ = converted(family)
+    model.resize_token_embeddings(VOCAB + 4, mean_resizing=False)
+    embedding = model.get_input_embeddings()
+    new_ids = list(range(VOCAB, VOCAB + 4))
+    ids = torch.tensor([[5, VOCAB + 1]])
+    before = model(input_ids=ids).logits.detach()
+    mean = hf.init_map_rows(model, new_ids)
+    table = embedding.map_weight.detach()
+    rows = torch.ones(VOCAB + 4, dtype=torch.bool)
+    rows[new_ids] = False
+    if embedding.padding_idx is not None:
+        rows[embedding.padding_idx] = False
+    assert_close(mean, table[rows].mean(0), torch.float32, name="mean row")
+    assert all(torch.equal(table[i], mean) for i in new_ids)
+    assert not torch.equal(model(input_ids=ids).logits.detach(), before)  # no stale inference table
+    hf.init_map_rows(embedding, [VOCAB], from_ids=[7, 9])  # a few related tokens
+    assert_close(table[VOCAB], table[[7, 9]].mean(0), torch.float32, name="mean of two rows")
+    with pytest.raises(ValueError, match="new_ids"):
+        hf.init_map_rows(model, [VOCAB + 4])
+    with pytest.raises(ValueError, match="from_ids"):
+        hf.init_map_rows(model, [VOCAB], from_ids=[0.5])
+    if embedding.padding_idx is not None:
+        with pytest.raises(ValueError, match="padding"):
+            hf.init_map_rows(model, [embedding.padding_idx])

@@ -63,6 +63,36 @@ def test_tied_define_uses_a_bias_free_projection_to_the_map_table():
     assert len(model_params) == len(list(define.parameters())) + 1  # only the projection is new
 
 
+@pytest.mark.parametrize("owner", ["embedding", "define"])
+def test_tied_output_loss_is_the_fused_loss_of_its_logits(owner):
+    """TiedOutput.loss equals F.cross_entropy / AugmentedLoss of forward(h), gradients included;
+    a DeFINE's padding row gets no gradient through it."""
+    embedding = (torch.nn.Embedding(37, 24) if owner == "embedding" else small_define(padding_idx=3)).double()
+    tied = TiedOutput(embedding, hidden_dim=20, bias=True).double()
+    h = torch.randn(2, 9, 20, dtype=F64)
+    targets = torch.randint(0, 37, (2, 9))
+    targets[0, 0], targets[1, 2] = -100, 3
+    for options, module in (({"label_smoothing": 0.1}, None),
+                            ({"alpha": 0.5, "tau": 2.0}, AugmentedLoss(tau=2.0, alpha=0.5))):
+        params = [tied.table, tied.proj.weight, tied.bias]
+        fused = tied.loss(h, targets, **options)
+        fused_grads = torch.autograd.grad(fused, params)
+        logits, flat = tied(h).reshape(-1, 37), targets.reshape(-1)
+        if module is None:
+            expected = torch.nn.functional.cross_entropy(logits, flat, label_smoothing=0.1)
+        else:
+            keep = flat != -100
+            expected = module(logits[keep], flat[keep], tied.table)
+        expected_grads = torch.autograd.grad(expected, params)
+        assert_close(fused, expected, name="loss")
+        if owner == "define":  # the fused head reads the padding row as zero
+            assert float(fused_grads[0][3].abs().sum()) == 0.0
+            fused_grads, expected_grads = [g.clone() for g in fused_grads], [g.clone() for g in expected_grads]
+            fused_grads[0][3] = expected_grads[0][3] = 0
+        for grad, want in zip(fused_grads, expected_grads):
+            assert_close(grad, want, name="gradient")
+
+
 def test_tied_output_gradcheck():
     embedding = torch.nn.Embedding(7, 4).double()
     tied = TiedOutput(embedding, hidden_dim=3, bias=True).double()

@@ -13,8 +13,8 @@ loss): everything the backward needs besides the inputs, so no [N, V] tensor is 
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
 from typing import Optional
 
 import torch
@@ -83,8 +83,9 @@ class LMHeadSpec:
 
     @property
     def key(self) -> str:
-        """The spec as the string the custom ops take (a schema cannot carry a dataclass)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The spec as the string the custom ops take (a schema cannot carry a dataclass); plain
+        reprs, so torch.compile traces it as a constant."""
+        return ";".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
 
     @classmethod
     def from_key(cls, key: str) -> "LMHeadSpec":
@@ -103,7 +104,8 @@ _SPECS: dict = {}
 def _from_key(key: str) -> LMHeadSpec:
     spec = _SPECS.get(key)
     if spec is None:
-        spec = _SPECS[key] = LMHeadSpec(**json.loads(key))
+        pairs = (item.split("=", 1) for item in key.split(";"))
+        spec = _SPECS[key] = LMHeadSpec(**{name: ast.literal_eval(value) for name, value in pairs})
     return spec
 
 

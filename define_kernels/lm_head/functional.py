@@ -56,6 +56,11 @@ def lm_head_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, *,
     x = h.reshape(-1, h.shape[-1])
     if proj is not None:
         x = F.linear(x, proj)
+    device_type = table.device.type if isinstance(table, torch.Tensor) else "cpu"
+    if (torch.is_autocast_enabled(device_type) and isinstance(table, torch.Tensor)
+            and torch.float64 not in (x.dtype, table.dtype)):
+        # the GEMMs in the autocast dtype; the fp32 table is cast tile by tile inside the backend
+        spec = spec.replace(compute_dtype=str(torch.get_autocast_dtype(device_type)).replace("torch.", ""))
     flat_targets = targets.reshape(-1)
     loss, ce, kl, _ = lm_head_loss_op(x, table, bias, flat_targets, spec.key, backend)
     if reduction == "mean":

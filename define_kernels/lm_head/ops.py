@@ -7,9 +7,9 @@
 
 `spec` is LMHeadSpec.key. Per-token outputs are 0 at ignored tokens; the ops hand backends only
 the kept tokens (contract.py). Autograd: loss is differentiable in x, table and bias; ce, kl and
-stats are for logging and the backward. Autocast (CPU, CUDA): the ops run with the region's dtype
-as the GEMM dtype on the given tensors (fp32 master table and bias stay fp32, tiles are cast
-inside the backend), so gradients come back in fp32 without a bf16 round trip.
+stats are for logging and the backward. Autocast is the spec's compute_dtype (functional.py sets
+it from the autocast region): the ops take the tensors as given (the fp32 master table and bias
+stay fp32, backends cast tiles as they go), so gradients come back in the inputs' dtypes.
 """
 from __future__ import annotations
 
@@ -106,22 +106,3 @@ def _backward(ctx, grad_loss, _grad_ce, _grad_kl, _grad_stats):
 
 
 lm_head_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- autocast
-def _register_autocast(device_type: str) -> None:
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, x, table, bias, targets, spec, backend):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            if x.device.type == device_type and torch.float64 not in (x.dtype, table.dtype):
-                dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
-                spec = LMHeadSpec.from_key(spec).replace(compute_dtype=dtype).key
-            return lm_head_loss_op._opoverload(x, table, bias, targets, spec, backend)
-
-    lm_head_loss_op._lib.impl(lm_head_loss_op._name, kernel, key, with_keyset=True)
-
-
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..define import DeFINE
 from ..checks import check_positive_int
+from ..define import DeFINE
+from ..lm_head import lm_head_loss
 from ._checks import check_hidden
 
 
@@ -63,6 +64,19 @@ class TiedOutput(nn.Module):
         if self.proj is not None:
             h = self.proj(h)
         return F.linear(h, table, self.bias)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, **options):
+        """The loss of forward(h) against `targets` through the fused LM-head op
+        (define_kernels.lm_head_loss: no [tokens x V] logits); `options` are that function's
+        (reduction, label_smoothing, z_loss, alpha/tau/kl_scale for the augmented loss,
+        return_parts, backend, ...). A DeFINE's padding row reads as zero and gets no gradient."""
+        table = self.table
+        check_hidden(h, self.hidden_dim, table.dtype)
+        owner = self._owner[0]
+        if isinstance(owner, DeFINE):
+            options.setdefault("padding_idx", owner.padding_idx)
+        proj = None if self.proj is None else self.proj.weight
+        return lm_head_loss(h, table, targets, proj=proj, bias=self.bias, **options)
 
     def extra_repr(self) -> str:
         return (f"hidden_dim={self.hidden_dim}, table=[{self.num_embeddings}, {self.table_dim}], "
