@@ -30,17 +30,10 @@ def _signatures(t: str) -> dict:
     }
 
 
-def scratch_bytes(dtype: str, augmented: bool, block: int) -> int:
-    """The [T, Vc] chunk scratch of one call (logits, and similarity logits when augmented)."""
-    from define_kernels.lm_head import triton_backend
-    from bench.resource_report import DTYPES
-    columns = min(max(block, triton_backend.SCRATCH_ELEMENTS // TOKENS // block * block), VOCAB)
-    return TOKENS * columns * DTYPES[dtype][1] * (2 if augmented else 1)
-
-
 def lm_head_rows(dtypes: Iterable[str]) -> List:
+    import torch
     from bench.resource_report import _compile_triton, _triton_row
-    from define_kernels.lm_head import triton_kernels, triton_backend
+    from define_kernels.lm_head import LMHeadSpec, triton_kernels, triton_backend
     kernels = {"lm_head_stats": (triton_kernels.lm_head_stats_kernel, triton_backend.GPU_TILES["stats"]),
                "lm_head_grad": (triton_kernels.lm_head_grad_kernel, triton_backend.GPU_TILES["grad"])}
     rows = []
@@ -53,7 +46,8 @@ def lm_head_rows(dtypes: Iterable[str]) -> List:
                 compiled = _compile_triton(kernel, signatures[name], dict(launch, **flags),
                                            tiles["num_warps"], tiles["num_stages"])
                 label = f"{variant} {tiles['BLOCK_N']}x{tiles['BLOCK_V']} w{tiles['num_warps']}"
+                scratch = triton_backend.workspace_bytes(TOKENS, VOCAB, LMHeadSpec(alpha=float(flags["AUGMENTED"])),
+                                                         getattr(torch, dtype))
                 rows.append(_triton_row(compiled, name, WORKLOAD, dtype, label, tiles["num_warps"], False,
-                                        scratch_bytes(dtype, flags["AUGMENTED"], tiles["BLOCK_V"]),
-                                        time.perf_counter() - started))
+                                        scratch, time.perf_counter() - started))
     return rows

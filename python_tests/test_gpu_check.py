@@ -54,3 +54,12 @@ def test_gpu_traffic_counts_by_hand(tmp_path):
     assert gpu_traffic.main(["--workloads", "wt103-base", "--out", str(tmp_path)]) == 0
     text = next(tmp_path.glob("gpu_traffic_*.md")).read_text()
     assert "| wt103-base | 16,384 | 3.79 | fused, 64-token tiles (today) | 0.97 | 1.00 |" in text
+
+
+def test_budgets_fit_the_total_and_the_lm_head_dry_run_is_interpreted(tmp_path):
+    assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TOTAL_BUDGET_S
+    dry = {s.name: s for s in gpu_check.stages(sys.executable, tmp_path / "p", True)}["lm-head"]
+    assert dry.env["TRITON_INTERPRET"] == "1" and all("--dry-run" in c for c in dry.commands)
+    gpu = {s.name: s for s in gpu_check.stages(sys.executable, tmp_path / "p", False)}["lm-head"]
+    assert "TRITON_INTERPRET" not in gpu.env and not any("--dry-run" in c for c in gpu.commands)
+    assert [c[c.index("--parts") + 1] for c in gpu.commands] == ["correctness", "timing"]

@@ -76,7 +76,7 @@ def input_reasons(x, table, spec: LMHeadSpec) -> List[str]:
 # Launch tiles on a GPU. sm_90a compiles (bench.resource_report, every dtype, augmented or not):
 # the stats kernel holds seven running [BLOCK_N] vectors besides its tiles and reached 255
 # registers with 208 B spilled at 16 x 128 (4 warps, augmented); 4 x 256 gives 48-80 registers.
-# The gradient kernel: 192 registers at 16 x 128 (augmented), 56-108 at 8 x 128. Small row tiles
+# The gradient kernel: 192 registers at 16 x 128 (augmented), 62-108 at 8 x 128. Small row tiles
 # also give N / 4 programs (2,048 at N = 8,192) to stream the scratch with.
 GPU_TILES = dict(stats=dict(BLOCK_N=4, BLOCK_V=256, num_warps=4, num_stages=3),
                  grad=dict(BLOCK_N=8, BLOCK_V=128, ROWS_PER_PROGRAM=256, num_warps=4, num_stages=3))
@@ -95,6 +95,13 @@ def chunk_columns(tokens: int, vocab: int, block: int) -> int:
     budget = INTERPRETER_SCRATCH_ELEMENTS if _interpreting() else SCRATCH_ELEMENTS
     columns = max(block, budget // max(tokens, 1) // block * block)
     return min(columns, -(-vocab // block) * block)
+
+
+def workspace_bytes(tokens: int, vocab: int, spec: LMHeadSpec, dtype: torch.dtype) -> int:
+    """Bytes of the per-call [N, Vc] chunk scratch in the compute dtype (logits, and similarity
+    logits for the augmented loss): bounded by SCRATCH_ELEMENTS whatever the vocabulary."""
+    columns = min(chunk_columns(tokens, vocab, tiles()["stats"]["BLOCK_V"]), vocab)
+    return tokens * columns * dtype.itemsize * (2 if spec.augmented else 1)
 
 
 def _table_chunk(table, start: int, stop: int, dtype, padding_idx: Optional[int]) -> torch.Tensor:
@@ -222,7 +229,10 @@ def backward(grad_loss, x, table, bias, targets, stats, spec: LMHeadSpec):
                 grad_x.addmm_(dz, table_c)
             else:  # the 16-bit GEMM rounds each chunk's share once; the sum over chunks is fp32
                 grad_x += torch.mm(dz, table_c).float()
-            grad_table[start:start + width] = torch.mm(dz.t(), chunks.x)
+            if grad_table.dtype == chunks.dtype:
+                torch.mm(dz.t(), chunks.x, out=grad_table[start:start + width])
+            else:  # autocast's fp32 table: the 16-bit GEMM's result, as reference.py rounds it
+                grad_table[start:start + width] = torch.mm(dz.t(), chunks.x)
             if bias is not None:
                 grad_bias[start:start + width] = partial_c.sum(0)
     if spec.padding_idx is not None:
