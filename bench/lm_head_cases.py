@@ -173,7 +173,7 @@ def estimate_bytes(case: Case) -> int:
             return base + 2 * 4 * w.vocab_size * w.map_dim + 14 * chunk_rows(w.vocab_size, t) * w.vocab_size
         if (case.variant, case.dtype) in TV_BYTES:
             return base + TV_BYTES[(case.variant, case.dtype)] * tv
-        return base + 4 * 4 * t * min(w.vocab_size, 8192)  # fused: tiles of a few thousand words
+        return base + 2 * 4 * t * min(w.vocab_size, 4096)  # fused: a [T, 4096] tile of logits and its gradient
     d = w.embedding_dim
     batch, length = sequence_shape(case)
     body_params = case.layers * 12 * d * d

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .lm_head_cases import VARIANTS  # noqa: E402
@@ -28,6 +29,7 @@ COLORS = {"unfused": "#7f7f7f", "fused": "#d62728", "fused-reference": "#ff9896"
           "step-define-fused": "#d62728", "step-define-reference": "#ff9896"}
 DTYPES = ("float32", "bfloat16")
 HATCH = {"float32": "", "bfloat16": "///"}
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16 autocast"}
 STATUS = ("skipped", "unavailable", "error")
 
 
@@ -54,25 +56,33 @@ def _status_text(cell: dict) -> str:
         if status in cell:
             if status == "skipped":
                 need = _num(cell.get("estimated_memory", {}).get("value"))
-                return f"does not fit (~{need / 1024:.0f} GB)" if need else "does not fit"
+                return f"does not fit (needs ~{need / 1024:.1f} GB)" if need else "does not fit"
             return status
     return "not measured"
 
 
+def _tidy(ax) -> None:
+    """Plain-number labels on a log axis (1, 2, 5, 10, 20 ...), none on minor ticks."""
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.10g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def figure(rows: List[dict]):
     sections = _sections(rows)
-    count = max(len(sections), 1)
-    fig, axes = plt.subplots(count, 2, figsize=(13, 0.42 * 2 * len(ORDER) / 2 + 1.6 * count + 1.5 * count),
-                             squeeze=False)
+    heights = [max(len({v for v, _ in cells}), 1) * 0.5 + 1.1 for cells in sections.values()] or [2.0]
+    fig, axes = plt.subplots(len(heights), 2, figsize=(14, sum(heights) + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     if not sections:
         for ax in axes[0]:
             ax.text(0.5, 0.5, "no measured cases", ha="center", va="center", transform=ax.transAxes)
     for axes_row, ((mode, workload, vocab, tokens), cells) in zip(axes, sections.items()):
         variants = [v for v in ORDER if any((v, d) in cells for d in DTYPES)]
-        for ax, metric, unit in ((axes_row[0], "time", f"ms per {mode} (median; lower is better)"),
-                                 (axes_row[1], "peak_memory", "peak MB above process start (median; lower is better)")):
-            values = [_num(c[metric]["value"]) for c in cells.values() if metric in c]
-            top = max([v for v in values if v] + [1.0])
+        variants += sorted({v for v, _ in cells} - set(variants))
+        for ax, metric, unit in ((axes_row[0], "time", f"ms per {mode}, median (log scale; lower is better)"),
+                                 (axes_row[1], "peak_memory", "MB, peak RSS above the process's start, median "
+                                                              "(log scale; lower is better)")):
+            values = [v for v in (_num(c.get(metric, {}).get("value")) for c in cells.values()) if v]
             for i, variant in enumerate(variants):
                 for j, dtype in enumerate(DTYPES):
                     y = len(variants) - 1 - i + (0.2 if j == 0 else -0.2)
@@ -83,24 +93,30 @@ def figure(rows: List[dict]):
                     if value:
                         ax.barh(y, value, height=0.38, color=COLORS.get(variant, "#17becf"), hatch=HATCH[dtype],
                                 edgecolor="white" if dtype == "float32" else "black", linewidth=0.4)
-                        ax.text(value, y, f" {value:.3g}", va="center", fontsize=6.5)
-                    else:
-                        ax.text(1.0, y, f" {dtype}: {_status_text(cell)}", va="center", fontsize=6.5,
-                                color="#b00000")
+                        ax.text(value, y, f" {value:,.4g}", va="center", fontsize=6.5)
+                    else:  # at the axis's left edge, whatever the scale
+                        ax.text(0.01, y, f"{_DTYPE_NAMES[dtype]}: {_status_text(cell)}", va="center",
+                                fontsize=6.5, color="#b00000", transform=ax.get_yaxis_transform())
             ax.set_xscale("log")
-            ax.set_xlim(1.0 if metric == "peak_memory" else min([v for v in values if v] + [top]) / 4, top * 4)
+            if values:
+                ax.set_xlim(min(values) / 3, max(values) * 6)
+            _tidy(ax)
             ax.set_yticks(range(len(variants))[::-1], variants, fontsize=8)
             ax.set_ylim(-0.7, len(variants) - 0.3)
             ax.set_xlabel(unit, fontsize=8)
+            ax.tick_params(axis="x", labelsize=8)
             ax.grid(alpha=0.3, axis="x")
-            ax.set_title(f"{mode} · {workload} (V={int(_num(vocab)):,}) · T={tokens:,}", fontsize=9)
+        vocab_text = f"V={int(_num(vocab)):,}" if _num(vocab) else ""
+        axes_row[0].set_title(f"{mode} · {workload} ({vocab_text}) · T={tokens:,} · time", fontsize=9)
+        axes_row[1].set_title(f"{mode} · {workload} ({vocab_text}) · T={tokens:,} · peak memory", fontsize=9)
     context = {(r.get("device", ""), r.get("commit", "")) for r in rows if r.get("device")}
     device, commit = next(iter(context)) if context else ("", "")
-    fig.suptitle(f"LM head and training step: time and peak memory per variant · {device} · {commit}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.98))
+    fig.suptitle(f"Tied LM head and LM training step: time and peak memory per variant\n{device} · commit {commit} · "
+                 "fp32 solid, bf16 autocast hatched", fontsize=11)
     handles = [Patch(facecolor="#bbbbbb", hatch=HATCH[d], edgecolor="black" if d == "bfloat16" else "white",
-                     label={"float32": "fp32", "bfloat16": "bf16 autocast"}[d]) for d in DTYPES]
+                     label=_DTYPE_NAMES[d]) for d in DTYPES]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     return fig
 
 
