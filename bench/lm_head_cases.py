@@ -345,19 +345,24 @@ def build_step(case: Case):
     return step, counts, targets, int(torch.unique(ids).numel())
 
 
-def yardstick(tokens: int) -> Dict[str, float]:
-    """FLOP/s of [min(T, 4096), 512] x [512, 2048] per dtype: best of 3 after one warm-up."""
+def yardstick(tokens: int, block_seconds: float = 0.05, blocks: int = 3) -> Dict[str, float]:
+    """FLOP/s of [min(T, 4096), 512] x [512, 2048] per dtype: the best of `blocks` blocks of
+    calls lasting >= block_seconds each (one bf16 call can take a millisecond: single calls are
+    all noise on a shared machine)."""
     rows = min(tokens, 4096)
     rates = {}
     for name, dtype in DTYPES.items():
         a = torch.randn(rows, YARDSTICK_K).to(dtype)
         b = torch.randn(YARDSTICK_K, YARDSTICK_N).to(dtype)
+        started = time.perf_counter()
         a @ b
+        number = max(1, int(block_seconds / max(time.perf_counter() - started, 1e-6)))
         best = float("inf")
-        for _ in range(3):
+        for _ in range(blocks):
             started = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - started)
+            for _ in range(number):
+                a @ b
+            best = min(best, (time.perf_counter() - started) / number)
         rates[name] = 2 * rows * YARDSTICK_K * YARDSTICK_N / best
     return rates
 
