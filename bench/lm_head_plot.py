@@ -93,14 +93,17 @@ def figure(rows: List[dict]):
                     if value:
                         ax.barh(y, value, height=0.38, color=COLORS.get(variant, "#17becf"), hatch=HATCH[dtype],
                                 edgecolor="white" if dtype == "float32" else "black", linewidth=0.4)
-                        ax.text(value, y, f" {value:,.4g}", va="center", fontsize=6.5)
+                        ax.text(value, y, f" {value:,.0f}" if value >= 1000 else f" {value:.3g}", va="center",
+                                fontsize=6.5)
                     else:  # at the axis's left edge, whatever the scale
                         ax.text(0.01, y, f"{_DTYPE_NAMES[dtype]}: {_status_text(cell)}", va="center",
                                 fontsize=6.5, color="#b00000", transform=ax.get_yaxis_transform())
             ax.set_xscale("log")
             if values:
                 ax.set_xlim(min(values) / 3, max(values) * 6)
-            _tidy(ax)
+                _tidy(ax)
+            else:  # nothing ran in this section: no scale to show
+                ax.set_xticks([])
             ax.set_yticks(range(len(variants))[::-1], variants, fontsize=8)
             ax.set_ylim(-0.7, len(variants) - 0.3)
             ax.set_xlabel(unit, fontsize=8)
