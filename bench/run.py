@@ -7,7 +7,8 @@ a tied nn.Linear + F.cross_entropy: time, peak memory and parameters (embedding 
 by default on wt2-small at T = 4,096, bf16 autocast and fp32, 3 rounds (a few minutes on 2
 cores); its CSV is <csv stem>_whole-model.csv, its plot <stem>_whole-model.png; --no-model skips it.
 
-Then the input layer. With no flags: workload ptb-lstm, 700 Zipf(1.1) ids (20 x 35), every provider and mode, fp32 on CPU
+Then the input layer. With no flags: workload ptb-lstm, 700 Zipf(1.1) ids (20 x 35), every provider and mode,
+fp32 on CPU
 (bf16 on CUDA). Writes bench/results/<date>_<device>_<commit>.csv and PNG plots beside it and
 prints a markdown table. Examples:
 
@@ -273,7 +274,7 @@ def list_providers(args) -> str:
 
 def whole_model(args: argparse.Namespace, csv_path: Path) -> Optional[Path]:
     """The whole-model comparison (bench/lm_head.py, part "step"): table, CSV and plot."""
-    from . import lm_head
+    from . import lm_head, lm_head_report
     if args.device != "cpu":
         print(f"## Whole model: skipped on {args.device} (bench/lm_head.py measures on the CPU for now)\n")
         return None
@@ -284,7 +285,7 @@ def whole_model(args: argparse.Namespace, csv_path: Path) -> Optional[Path]:
          "--seed", str(args.seed), "--csv", str(csv_path)] + (["--quiet"] if args.no_progress else []))
     results, goals, rows, path = lm_head.run(options)
     print("## Whole model: one LM training step, input layer + body + tied head + loss\n")
-    print(lm_head.markdown(results, goals).lstrip("\n"))
+    print(lm_head_report.markdown(results, goals).lstrip("\n"))
     print(f"\nCSV: {path}  ({time.perf_counter() - started:.0f}s)")
     if not args.no_plots:
         from .lm_head_plot import plot

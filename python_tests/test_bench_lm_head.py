@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from bench import lm_head, report
+from bench import lm_head, lm_head_report, report
 from bench.lm_head_cases import Case, adaptive_cutoffs, chunk_rows, estimate_bytes
 
 TINY = "custom:V=300,n=16,k=64,m=32,N=2,g=4"
@@ -69,7 +69,7 @@ def test_goal_ratios_same_round_best_of_and_estimates():
                     entry("chunked-tuned", [2.0, 4.0, 2.0], [80, 80, 80]),
                     entry("unfused-augmented", [], [], status="skipped", estimate=1000 * 2**20),
                     entry("fused-augmented", [0.5, 0.5, 0.5], [20, 20, 20])])
-    goals = {g["label"].split(" · ")[0]: g for g in lm_head.evaluate_goals(results)}
+    goals = {g["label"].split(" · ")[0]: g for g in lm_head_report.evaluate_goals(results)}
     time = goals["fused / unfused time"]
     assert time["goal"] == 0.5 and time["per_round"] == pytest.approx([0.4, 0.25, 0.6])
     assert time["of_medians"] == pytest.approx(0.5 / 1.0) and time["verdict"] == "met"
