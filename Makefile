@@ -42,7 +42,7 @@ bench-cpu-goals: $(STAMP)
 
 # the fused tied LM head vs TiedOutput + F.cross_entropy, chunked F.linear_cross_entropy and adaptive
 # softmax, and a whole LM training step (fp32 + bf16, wt2-small + wt103-base, T = 4,096 + 8,192);
-# cases that cannot fit in 0.8 x RAM are skipped and said so. Hours on 2 cores.
+# cases that cannot fit in 0.8 x RAM are skipped and said so. About 1.5 h on 2 quiet cores.
 bench-lm-head: $(STAMP)
 	$(PY) -m bench.lm_head
 

@@ -4,7 +4,9 @@ nn.AdaptiveLogSoftmaxWithLoss, with and without the augmented loss; and a whole 
 step, DeFINE + body + fused head vs nn.Embedding + body + tied nn.Linear + F.cross_entropy.
 The variants are described in bench/lm_head_cases.py.
 
-    python -m bench.lm_head                                   # everything (the full run, hours on 2 cores)
+    python -m bench.lm_head            # the full run (make bench-lm-head): ~1.5 h on 2 quiet cores
+    python -m bench.lm_head --parts head                      # the head alone, all sizes
+    python -m bench.lm_head --parts step                      # the whole training step, all sizes
     python -m bench.lm_head --parts head --workload wt2-small --tokens 1024 --rounds 2
     python -m bench.lm_head --parts step --workload wt2-small --tokens 4096 --dtypes bf16
 
