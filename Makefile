@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz mutate bench bench-cpu-goals bench-cpu-profile bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
+.PHONY: venv test fuzz mutate bench bench-lm-head bench-cpu-goals bench-cpu-profile bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench: $(STAMP)
 # `auto` ranking (define_kernels/backends/measured_ranking.json) from the same run
 bench-cpu-goals: $(STAMP)
 	$(PY) -m bench.cpu_goals --rounds 5 --write-ranking
+
+# the fused tied LM head vs TiedOutput + F.cross_entropy, chunked F.linear_cross_entropy and adaptive
+# softmax, and a whole LM training step (fp32 + bf16, wt2-small + wt103-base, T = 4,096 + 8,192);
+# cases that cannot fit in 0.8 x RAM are skipped and said so. About 1.5 h on 2 quiet cores.
+bench-lm-head: $(STAMP)
+	$(PY) -m bench.lm_head
 
 # where a cpu_cpp step spends its time, per dtype (torch.profiler)
 bench-cpu-profile: $(STAMP)

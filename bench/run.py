@@ -1,6 +1,14 @@
-"""`python -m bench.run`: DeFINE vs nn.Embedding, time / throughput / memory per provider and mode.
+"""`python -m bench.run`: first the whole model, then DeFINE vs nn.Embedding per provider and mode.
 
-With no flags: workload ptb-lstm, 700 Zipf(1.1) ids (20 x 35), every provider and mode, fp32 on CPU
+Whole model first (bench/lm_head.py, part "step"; CPU): one LM training step, input layer + a
+4-layer pre-LN causal Transformer + tied head + loss, DeFINE + the fused LM-head loss
+(lm_head_loss; also its reference backend at small sizes) against nn.Embedding + the same body +
+a tied nn.Linear + F.cross_entropy: time, peak memory and parameters (embedding / body / head),
+by default on wt2-small at T = 4,096, bf16 autocast and fp32, 3 rounds (a few minutes on 2
+cores); its CSV is <csv stem>_whole-model.csv, its plot <stem>_whole-model.png; --no-model skips it.
+
+Then the input layer. With no flags: workload ptb-lstm, 700 Zipf(1.1) ids (20 x 35), every provider and mode,
+fp32 on CPU
 (bf16 on CUDA). Writes bench/results/<date>_<device>_<commit>.csv and PNG plots beside it and
 prints a markdown table. Examples:
 
@@ -90,6 +98,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-matmul", action="store_true", help="skip the dense matmul rate")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list providers and exit")
+    model = parser.add_argument_group("whole model (printed and plotted first; bench/lm_head.py)")
+    model.add_argument("--no-model", action="store_true", help="skip the whole-model comparison")
+    model.add_argument("--model-workload", default="wt2-small",
+                       help="its workload: V, n, m and the DeFINE config (a name or custom:...)")
+    model.add_argument("--model-tokens", type=int, default=4096, help="its tokens per step")
+    model.add_argument("--model-dtypes", default="bfloat16,float32", help="its dtypes (bf16 = autocast)")
+    model.add_argument("--model-rounds", type=int, default=3, help="its rounds (a process per case and round)")
+    model.add_argument("--model-seq-len", type=int, default=512, help="its sequence length (B = T / L)")
     args = parser.parse_args(argv)
     for mode in args.modes:
         if mode not in metrics.MODES:
@@ -256,11 +272,39 @@ def list_providers(args) -> str:
     return "\n".join(lines)
 
 
+def whole_model(args: argparse.Namespace, csv_path: Path) -> Optional[Path]:
+    """The whole-model comparison (bench/lm_head.py, part "step"): table, CSV and plot."""
+    from . import lm_head, lm_head_report
+    if args.device != "cpu":
+        print(f"## Whole model: skipped on {args.device} (bench/lm_head.py measures on the CPU for now)\n")
+        return None
+    started = time.perf_counter()
+    options = lm_head.parse_args(
+        ["--parts", "step", "--workload", args.model_workload, "--tokens", str(args.model_tokens),
+         "--dtypes", args.model_dtypes, "--rounds", str(args.model_rounds), "--seq-len", str(args.model_seq_len),
+         "--seed", str(args.seed), "--csv", str(csv_path)] + (["--quiet"] if args.no_progress else []))
+    results, goals, rows, path = lm_head.run(options)
+    print("## Whole model: one LM training step, input layer + body + tied head + loss\n")
+    print(lm_head_report.markdown(results, goals).lstrip("\n"))
+    print(f"\nCSV: {path}  ({time.perf_counter() - started:.0f}s)")
+    if not args.no_plots:
+        from .lm_head_plot import plot
+        png = Path(args.plots_dir or path.parent) / f"{path.stem}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {plot(rows, png)}")
+    print("\n## Input layer: DeFINE vs nn.Embedding\n")
+    return path
+
+
 def main(argv: Optional[List[str]] = None) -> Path:
     args = parse_args(argv)
     if args.list:
         print(list_providers(args))
         return None
+    if not args.no_model:
+        meta = report.metadata(torch.device(args.device))
+        stem = args.csv or report.results_path(meta, args.out_dir, args.tag)
+        whole_model(args, Path(stem).with_name(Path(stem).stem + "_whole-model.csv"))
     started = time.perf_counter()
     rows, meta = run(args)
     path = report.write_csv(rows, args.csv or report.results_path(meta, args.out_dir, args.tag))

@@ -127,8 +127,20 @@ def test_benchmark_runs_every_provider_end_to_end(tmp_path, capsys):
     csv_path = tmp_path / "run.csv"
     run.main(["--device", "cpu", "--providers", "all", "--workload", END_TO_END, "--tokens", "16", "--reps", "1", "--warmup", "1",
               "--compile-backend", "aot_eager", "--csv", str(csv_path), "--plots-dir", str(tmp_path),
-              "--no-progress", "--exclude", ",".join(INTERPRETER_VARIANTS)])
+              "--no-progress", "--exclude", ",".join(INTERPRETER_VARIANTS),
+              "--model-workload", END_TO_END, "--model-tokens", "16", "--model-rounds", "1",
+              "--model-dtypes", "float32"])
     printed = capsys.readouterr().out
+    # the whole model first: its table, then the input layer's
+    assert printed.index("## Whole model") < printed.index("| step-embedding | float32 |") \
+        < printed.index("## Input layer") < printed.index("| forward | embedding |")
+    with open(tmp_path / "run_whole-model.csv", newline="") as handle:
+        model_rows = list(csv.DictReader(handle))
+    for dtype in ("float32",):
+        base = [r for r in model_rows if r["provider"] == "step-embedding" and r["dtype"] == dtype]
+        assert {"time", "peak_memory", "params_embedding", "params_body", "params_head"} <= {r["metric"] for r in base}
+        define = {r["metric"] for r in model_rows if r["provider"] == "step-define-fused" and r["dtype"] == dtype}
+        assert "time" in define or "unavailable" in define  # until the fused CPU kernel is built
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == report.COLUMNS
@@ -167,7 +179,7 @@ def test_benchmark_runs_every_provider_end_to_end(tmp_path, capsys):
     assert tflops and all(float(r["value"]) > 0 for r in tflops)
     pngs = sorted(tmp_path.glob("run_*.png"))
     assert [p.name for p in pngs] == ["run_speedup_vs_eager.png", "run_throughput_vs_tokens.png",
-                                      "run_train_time_vs_vocab.png"]
+                                      "run_train_time_vs_vocab.png", "run_whole-model.png"]
     assert all(p.stat().st_size > 5000 for p in pngs)
 
 
