@@ -303,3 +303,11 @@ def test_transformer_fused_head_end_to_end(tmp_path, one_thread):
     result = summary.write(tmp_path / "suite")
     assert (tmp_path / "suite" / "summary.md").exists() and result["png"].stat().st_size > 1000
     assert {s["variant"] for s in result["summary"]} == {"define", "tied_unfused"}
+
+
+def test_seconds_to_target_interpolates_in_log_perplexity():
+    curve = [dict(val_ppl=800.0, train_seconds=10.0, tokens=1000), dict(val_ppl=200.0, train_seconds=20.0, tokens=2000)]
+    assert train.seconds_to_target(curve, 1000.0) == (10.0, 1000)  # the first evaluation already there
+    assert train.seconds_to_target(curve, 400.0) == (15.0, 1500.0)  # halfway in log(800) .. log(200)
+    assert train.seconds_to_target(curve, 100.0) == ("", "")
+    assert train.seconds_to_target(curve, None) == ("", "")

@@ -1,6 +1,11 @@
 """The seeded LM suite: every (seed, dataset, variant) run of the Transformer preset at a fixed
 token budget, one process at a time, then the summary (bench/lm/summary.py).
 
+The budget (tokens per run, the same for every variant and seed of a dataset) is measured once
+per suite folder: --run-minutes of training of the slowest variant (--calibrate-variant, untied)
+at the tokens/s bench/lm/calibrate.py measures on this machine; kept in <dir>/budget.json so
+reruns and added seeds train the same budget. --train-budget sets it instead.
+
     make lm                                     # = nohup python -m bench.lm.suite ... & (background)
     python -m bench.lm.suite --plan             # the runs and the estimated CPU time, nothing run
     python -m bench.lm.suite --quick            # CI smoke: tiny model, few steps, 1 seed, 3 variants
@@ -58,10 +63,12 @@ def run_name(dataset: str, variant: str, seed: int) -> str:
 
 
 def finished(csv_path: Path) -> bool:
+    """The run's CSV holds a complete row (a run killed while writing it is not finished)."""
     try:
-        return bool(read_rows(csv_path))
+        rows = read_rows(csv_path)
     except (OSError, KeyError, ValueError):
         return False
+    return bool(rows) and rows[-1].get("test_ppl") not in (None, "") and rows[-1].get("config") not in (None, "")
 
 
 def plan(datasets: dict, seeds: list) -> list:
@@ -99,9 +106,11 @@ def run_one(directory: Path, dataset: str, variant: str, seed: int, spec: dict, 
     name = run_name(dataset, variant, seed)
     runs = directory / "runs"
     csv_path, curve, run_log = runs / f"{name}.csv", runs / f"{name}_curve.csv", runs / f"{name}.log"
-    if finished(csv_path):
-        return True
     checkpoints = directory / "ckpt" / name
+    if finished(csv_path):
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # left by a suite stopped after the run finished
+        return True
     command = [sys.executable, "-m", "bench.lm.train", "--preset", "transformer", "--model", "transformer",
                "--dataset", dataset, "--variants", variant, "--seed", str(seed), "--threads", str(threads),
                "--train-budget", str(spec["train_budget"]), "--target-ppl", str(spec["target_ppl"]),

@@ -214,10 +214,18 @@ def build_model(variant: str, args, vocab: int):
 
 
 def seconds_to_target(curve: list, target) -> tuple:
-    """(training seconds, tokens) at the first evaluation with val ppl <= target, else ("", "")."""
+    """(training seconds, tokens) when validation perplexity first reached `target`: linear in
+    log perplexity between the evaluation before and the first at or below it (the first
+    evaluation's own figures when that one already is); ("", "") if never reached."""
+    previous = None
     for point in curve:
         if target is not None and point["val_ppl"] <= target:
-            return point["train_seconds"], point["tokens"]
+            if previous is None or previous["val_ppl"] <= point["val_ppl"]:
+                return point["train_seconds"], point["tokens"]
+            share = ((math.log(previous["val_ppl"]) - math.log(target))
+                     / (math.log(previous["val_ppl"]) - math.log(point["val_ppl"])))
+            return tuple(round(previous[k] + share * (point[k] - previous[k]), 2) for k in ("train_seconds", "tokens"))
+        previous = point
     return "", ""
 
 
