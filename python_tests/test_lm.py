@@ -297,6 +297,7 @@ def test_transformer_fused_head_end_to_end(tmp_path, one_thread):
     assert len(calls) >= 12 and set(calls) == {"Embedding"}  # only tied_unfused made logits, not DeFINE's
     curve = report.read_rows(tmp_path / "curve.csv")
     assert [int(p["step"]) for p in curve if p["variant"] == "tied_unfused"] == [4, 8, 12]
+    assert [int(p["step"]) for p in curve if p["variant"] == "define"] == [4, 8, 12]
     runs = tmp_path / "suite" / "runs"
     runs.mkdir(parents=True)
     (tmp_path / "lm.csv").rename(runs / "ptb_all_s1234.csv")
@@ -311,3 +312,33 @@ def test_seconds_to_target_interpolates_in_log_perplexity():
     assert train.seconds_to_target(curve, 400.0) == (15.0, 1500.0)  # halfway in log(800) .. log(200)
     assert train.seconds_to_target(curve, 100.0) == ("", "")
     assert train.seconds_to_target(curve, None) == ("", "")
+
+
+def test_suite_counts_a_run_finished_only_with_a_complete_row(tmp_path):
+    path = tmp_path / "run.csv"
+    assert not suite.finished(path)
+    report.write_rows(path, [dict(variant="tied", test_ppl="", config="")])
+    assert not suite.finished(path)  # killed while writing
+    report.write_rows(path, [dict(variant="tied", test_ppl="123.4", config="layers=4")])
+    assert suite.finished(path)
+
+
+@pytest.mark.parametrize("variant", ["adaptive_softmax", "tied", "tied_unfused", "define_al", "untied"])
+def test_transformer_heads_under_bf16_autocast(variant):
+    """Every head of the suite's Transformer path trains a step under bf16 autocast; the fused
+    head (tied, define_al) and the unfused one give the same cross-entropy sum in eval."""
+    torch.manual_seed(0)
+    layers = build_layers(variant, SIZES)
+    model = LanguageModel(layers.encoder, TransformerContext(16, 1, 2, 0.0), layers.decoder, 0.0, layers.loss,
+                          layers.head, torch.bfloat16)
+    inputs, targets = torch.randint(0, 60, (6, 2)), torch.randint(0, 60, (6, 2))
+    targets[0] = torch.tensor([0, SIZES.adaptive_cutoffs[1]])
+    objective, cross_entropy, _ = model(inputs, targets)
+    objective.backward()
+    assert objective.dtype == torch.float32 and math.isfinite(float(objective.detach()))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if layers.head == "fused":
+        model.eval()
+        fused = model(inputs, targets)[1]
+        model.head = "logits"
+        assert abs(float(model(inputs, targets)[1]) - float(fused)) < 0.05 * float(fused)

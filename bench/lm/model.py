@@ -117,6 +117,8 @@ class LanguageModel(nn.Module):
 
     def _adaptive(self, h, flat_targets):
         # per-token log-probabilities (bf16 under autocast) summed in fp32, not the module's bf16 mean
+        # (under autocast h leaves the final LayerNorm in fp32; the module wants one dtype throughout)
+        h = h.to(self.amp) if self.amp is not None else h
         nll = -self.decoder(h.reshape(-1, h.shape[-1]), flat_targets).output.float()
         return nll.mean(), nll.sum()
 

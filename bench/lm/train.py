@@ -37,7 +37,8 @@ from tqdm import tqdm
 from .data import batchify, bptt_chunks, load_corpus
 from .memory import PeakRSS
 from .model import LanguageModel, LSTMContext, TransformerContext, detach_state
-from .report import CURVE_COLUMNS, append_rows, commit_id, device_name, plot, results_path, write_rows
+from .report import (CURVE_COLUMNS, append_rows, commit_id, device_name, plot, read_rows, results_path,
+                     write_rows)
 from .schedule import SCHEDULES, cosine_lr
 from .variants import VARIANTS, LayerSizes, build_layers, parameter_split
 
@@ -324,7 +325,7 @@ def train_variant(variant: str, args, corpus, cluster: Cluster, key: str) -> dic
                 if cluster.main:
                     _save(checkpoint, model, optimizer, progress, best_state)
                     if args.curve_out:
-                        write_rows(Path(args.curve_out), progress["curve"], CURVE_COLUMNS)
+                        _write_curve(Path(args.curve_out), variant, args.seed, progress["curve"])
                 bar.set_postfix(loss=f"{progress['losses'][-1]:.3f}", val_ppl=f"{val:.1f}")
                 if stop:
                     break
@@ -356,6 +357,13 @@ def train_variant(variant: str, args, corpus, cluster: Cluster, key: str) -> dic
     if cluster.main:
         _save(checkpoint, model, optimizer, progress, best_state, row)
     return row
+
+
+def _write_curve(path: Path, variant: str, seed: int, curve: list) -> None:
+    """Rewrite `path` with this (variant, seed)'s evaluations, keeping other variants' rows."""
+    others = [row for row in (read_rows(path) if path.exists() else [])
+              if (row["variant"], row["seed"]) != (variant, str(seed))]
+    write_rows(path, others + curve, CURVE_COLUMNS)
 
 
 def _save(path: Path, model, optimizer, progress, best_state, row=None) -> None:
