@@ -195,7 +195,8 @@ def plot(rows: list, summary: list, curves: list, path: Path) -> Path:
             error = None if math.isnan(s["test_ppl_low"]) else [[y - s["test_ppl_low"]], [s["test_ppl_high"] - y]]
             left.errorbar(x, y, yerr=error, fmt="o", color=colors[s["variant"]], capsize=3)
             left.annotate(s["variant"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        left.set(xlabel="parameters (M, total)", ylabel="test perplexity", title=f"{dataset}: perplexity vs parameters")
+        left.set(xlabel="parameters (M, total)", ylabel="test perplexity (mean, 95% interval)", yscale="log",
+                 title=f"{dataset}: perplexity vs parameters")
         seen = set()
         for run in curves:
             if run["dataset"] != dataset:
