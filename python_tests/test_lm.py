@@ -202,7 +202,8 @@ def test_compare_held_not_held_and_not_resolved():
     close = stats.compare([100, 104, 108], [103, 107, 111])  # gap 3, sd 4 each
     assert close.verdict == stats.NOT_RESOLVED
     # smallest n with t_{n-1} * 8 / sqrt(n) < 3: n = 30 (t_29 = 2.045 -> 2.99), n = 29 gives 3.04
-    assert close.seeds_needed == 30
+    assert close.seeds_needed == 30 and "(as held," in close.reason
+    assert "(as not held," in stats.compare([103, 107, 111], [100, 104, 108]).reason
     assert stats.compare([100, 104, 108], [103, 107, 111], max_seeds=20).seeds_needed is None
     assert stats.compare([1.0], [2.0, 3.0]).verdict == stats.NOT_RESOLVED
     assert stats.compare([5, 6, 7], [5, 6, 7]).seeds_needed is None  # equal means never resolve

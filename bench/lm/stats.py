@@ -135,7 +135,8 @@ def compare(a_values: Sequence[float], b_values: Sequence[float], confidence: fl
         reason = ("intervals overlap; equal means" if a.mean == b.mean
                   else f"intervals overlap; more than {max_seeds} seeds would be needed")
     else:
-        reason = f"intervals overlap; about {needed} seeds per variant would resolve it"
+        direction = HELD if a.mean < b.mean else NOT_HELD
+        reason = f"intervals overlap; about {needed} seeds per variant would resolve it (as {direction}, if the means hold)"
     return Verdict(NOT_RESOLVED, a, b, needed, reason)
 
 
