@@ -51,6 +51,13 @@ DATASETS = {
 GUESSED_TOKENS_PER_S = {"wt2": 900.0, "ptb": 1400.0}
 # evaluation on top of training (8 validation slices + the full validation and test splits)
 EVAL_OVERHEAD = {"wt2": 1.35, "ptb": 1.2}
+# The body: the Transformer preset, or the paper's LSTM family (bench.lm.train's `full` preset:
+# 2 x 400 LSTM, Adam, plateau decay; DeFINE n = 128, k = 1024) at the same kind of budget.
+MODELS = {
+    "transformer": dict(args=["--preset", "transformer", "--model", "transformer"], prefix=""),
+    "lstm": dict(args=["--preset", "full", "--model", "lstm", "--evals", "8", "--val-tokens", "20000"],
+                 prefix="lstm_"),
+}
 QUICK_ARGS = ["--layers", "1", "--emb-dim", "32", "--hidden", "32", "--heads", "2", "--map-dim", "16",
               "--expand-dim", "64", "--depth", "2", "--max-groups", "2", "--batch-size", "8", "--bptt", "32",
               "--steps", "30", "--evals", "3", "--warmup", "5", "--lr", "3e-3", "--train-tokens", "60000",
@@ -58,8 +65,8 @@ QUICK_ARGS = ["--layers", "1", "--emb-dim", "32", "--hidden", "32", "--heads", "
 QUICK_VARIANTS = ("tied_unfused", "tied", "define")
 
 
-def run_name(dataset: str, variant: str, seed: int) -> str:
-    return f"{dataset}_{variant}_s{seed}"
+def run_name(dataset: str, variant: str, seed: int, prefix: str = "") -> str:
+    return f"{prefix}{dataset}_{variant}_s{seed}"
 
 
 def finished(csv_path: Path) -> bool:
@@ -77,33 +84,35 @@ def plan(datasets: dict, seeds: list) -> list:
             for variant in spec["variants"]]
 
 
-def budgets(directory: Path, datasets: dict, minutes: float, variant: str, extra: list, threads: int, log) -> dict:
+def budgets(directory: Path, datasets: dict, minutes: float, variant: str, extra: list, threads: int, log,
+            model: str = "transformer") -> dict:
     """{dataset: tokens per run}: from <dir>/budget.json, else measured now (bench.lm.calibrate, the
     slowest variant) as `minutes` of training and written there, so every run and every rerun of
     this suite folder trains the same number of tokens."""
     path = directory / "budget.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
+    prefix = MODELS[model]["prefix"]
     for dataset in datasets:
-        if dataset in saved:
+        if prefix + dataset in saved:
             continue
         command = [sys.executable, "-m", "bench.lm.calibrate", "--dataset", dataset, "--variant", variant, "--",
-                   "--preset", "transformer", "--model", "transformer", "--threads", str(threads), *extra]
+                   *MODELS[model]["args"], "--threads", str(threads), *extra]
         log(f"calibrating {dataset}: {variant} tokens/s for a {minutes:g}-minute run")
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise RuntimeError(f"calibration failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         budget = max(10_000, int(measured["tokens_per_s"] * 60 * minutes) // 10_000 * 10_000)
-        saved[dataset] = dict(measured, train_budget=budget, minutes=minutes, date=time.strftime("%Y-%m-%d %H:%M"),
+        saved[prefix + dataset] = dict(measured, model=model, train_budget=budget, minutes=minutes, date=time.strftime("%Y-%m-%d %H:%M"),
                               commit=commit_id())
         path.write_text(json.dumps(saved, indent=1) + "\n")
         log(f"  {dataset}: {measured['tokens_per_s']:.0f} tokens/s -> {budget} tokens per run")
-    return {dataset: saved[dataset]["train_budget"] for dataset in datasets}
+    return {dataset: saved[prefix + dataset]["train_budget"] for dataset in datasets}
 
 
 def run_one(directory: Path, dataset: str, variant: str, seed: int, spec: dict, extra: list, threads: int,
-            keep_checkpoints: bool, log) -> bool:
-    name = run_name(dataset, variant, seed)
+            keep_checkpoints: bool, log, model: str = "transformer") -> bool:
+    name = run_name(dataset, variant, seed, MODELS[model]["prefix"])
     runs = directory / "runs"
     csv_path, curve, run_log = runs / f"{name}.csv", runs / f"{name}_curve.csv", runs / f"{name}.log"
     checkpoints = directory / "ckpt" / name
@@ -111,7 +120,7 @@ def run_one(directory: Path, dataset: str, variant: str, seed: int, spec: dict, 
         if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)  # left by a suite stopped after the run finished
         return True
-    command = [sys.executable, "-m", "bench.lm.train", "--preset", "transformer", "--model", "transformer",
+    command = [sys.executable, "-m", "bench.lm.train", *MODELS[model]["args"],
                "--dataset", dataset, "--variants", variant, "--seed", str(seed), "--threads", str(threads),
                "--train-budget", str(spec["train_budget"]), "--target-ppl", str(spec["target_ppl"]),
                "--resume", "--no-progress", "--no-plot", "--tag", "suite", "--out", str(csv_path),
@@ -146,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.lm.suite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=None, help=f"suite folder (default {DEFAULT_DIR}; --quick: a temporary one)")
+    p.add_argument("--model", choices=tuple(MODELS), default="transformer",
+                   help="the body (lstm: the paper's LSTM family; run names get an lstm_ prefix)")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma list of " + ", ".join(DATASETS))
     p.add_argument("--variants", default=None, help="comma list (default: each dataset's list)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant and dataset (1, 2, ...)")
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
     runs = plan(datasets, list(range(1, args.seeds + 1)))
     if args.plan:
         for run in runs:
-            print(run_name(*run))
+            print(run_name(*run, MODELS[args.model]["prefix"]))
         for dataset in datasets:
             guess = int(GUESSED_TOKENS_PER_S[dataset] * 60 * args.run_minutes)
             print(f"{dataset}: ~{guess} tokens per run if {args.calibrate_variant} trains "
@@ -209,29 +220,33 @@ def main(argv=None) -> int:
     if args.quick or args.train_budget:
         tokens = {d: args.train_budget or 1 for d in datasets}  # --quick: its --steps decide
     else:
-        tokens = budgets(directory, datasets, args.run_minutes, args.calibrate_variant, extra, args.threads, log)
+        tokens = budgets(directory, datasets, args.run_minutes, args.calibrate_variant, extra, args.threads, log,
+                         args.model)
     for dataset, spec in datasets.items():
         spec["train_budget"] = tokens[dataset]
     failed = [run for run in runs if not run_one(directory, *run, datasets[run[0]], extra, args.threads,
-                                                 args.keep_checkpoints, log)]
+                                                 args.keep_checkpoints, log, args.model)]
     # More seeds where a comparison is close and the observed spread says a few more would settle it.
     while not failed and args.max_seeds > args.seeds:
         result = summary.write(directory)
-        have = {(s["dataset"], s["variant"]): s["n"] for s in result["summary"]}
-        wanted = summary.extra_seeds(result["verdicts"], have, args.max_seeds)
+        have = {(s["dataset"], s["variant"]): s["n"] for s in result["summary"] if s["model"] == args.model}
+        verdicts = [v for v in result["verdicts"] if v["model"] == args.model]
+        wanted = summary.extra_seeds(verdicts, have, args.max_seeds)
         more = [(d, v, seed) for (d, v), n in sorted(wanted.items()) for seed in range(have[(d, v)] + 1, n + 1)]
         if not more:
             break
-        log(f"{len(more)} more runs for unresolved comparisons: {', '.join(run_name(*r) for r in more)}")
+        log(f"{len(more)} more runs for unresolved comparisons: "
+            f"{', '.join(run_name(*r, MODELS[args.model]['prefix']) for r in more)}")
         failed = [run for run in more if not run_one(directory, *run, datasets[run[0]], extra, args.threads,
-                                                     args.keep_checkpoints, log)]
+                                                     args.keep_checkpoints, log, args.model)]
     if any(finished(p) for p in (directory / "runs").glob("*.csv") if not p.name.endswith("_curve.csv")):
         result = summary.write(directory, "LM suite summary (smoke scale, not evidence)" if args.quick
                                else "LM suite summary")
         print(result["markdown"], flush=True)
         log(f"summary: {directory / 'summary.md'}, plot: {result['png']}")
     if failed:
-        log(f"{len(failed)} runs failed: {', '.join(run_name(*r) for r in failed)}; rerun to retry")
+        log(f"{len(failed)} runs failed: {', '.join(run_name(*r, MODELS[args.model]['prefix']) for r in failed)}; "
+            "rerun to retry")
         return 1
     return 0
 
