@@ -18,7 +18,7 @@ COLUMNS = ("date", "device", "commit", "mode", "dataset", "model", "variant", "p
            "seed", "torch", "config",
            # added with the seeded Transformer suite; train_seconds excludes evaluation since then
            "head", "amp", "epochs", "wall_seconds", "tokens_per_s", "seconds_per_epoch", "peak_rss_mb",
-           "stop_reason", "target_ppl", "seconds_to_target", "tokens_to_target", "threads")
+           "stop_reason", "target_ppl", "seconds_to_target", "tokens_to_target", "threads", "load_avg")
 # one row per evaluation of a run (train.py --curve-out)
 CURVE_COLUMNS = ("variant", "seed", "step", "tokens", "train_seconds", "wall_seconds", "lr", "train_ppl",
                  "val_ppl")

@@ -34,7 +34,7 @@ ORDERINGS = (
 PPL_GOALS = {"wt2": 150.0, "wikitext-2": 150.0, "ptb": 130.0}
 SPEED_GOAL = dict(variant="define", baseline="tied_unfused", time_ratio=0.5, param_ratio=0.6, dataset="wt2")
 METRICS = ("val_ppl", "test_ppl", "tokens_per_s", "seconds_per_epoch", "peak_rss_mb", "train_seconds",
-           "seconds_to_target")
+           "seconds_to_target", "load_avg")
 SUMMARY_COLUMNS = (("dataset", "model", "variant", "n", "params_total", "params_embedding", "params_transform",
                     "params_context", "params_output", "reached_target", "target_ppl")
                    + tuple(f"{m}_{part}" for m in METRICS for part in ("mean", "low", "high")))
@@ -152,7 +152,9 @@ def markdown(summary: list, verdicts: list, title: str) -> str:
     lines = [f"# {title}", "", "Mean [95% t-interval] over seeds; n = seeds. Parameters: embedding / transform / "
              "body / output (M). s/epoch and tokens/s: training steps only (evaluation excluded); peak MB: "
              "resident memory above the run's start; to target: training seconds until validation perplexity "
-             "(on the periodic validation slice) first reached the target, over the seeds that reached it.", ""]
+             "(on the periodic validation slice) first reached the target, over the seeds that reached it. "
+             "Timings are the machine's only where the load average (summary.csv, load_avg) stayed below its "
+             "core count.", ""]
     for dataset in sorted({s["dataset"] for s in summary}):
         members = sorted((s for s in summary if s["dataset"] == dataset), key=lambda s: s["test_ppl_mean"])
         lines += [f"## {dataset} ({members[0]['model']})", "",

@@ -348,7 +348,7 @@ def train_variant(variant: str, args, corpus, cluster: Cluster, key: str) -> dic
                wall_seconds=round(progress["seconds"], 1),
                tokens_per_s=round(train_tokens / max(progress["train_seconds"], 1e-9), 1),
                epochs=round(epochs, 3), seconds_per_epoch=round(progress["train_seconds"] / max(epochs, 1e-9), 1),
-               peak_rss_mb=round(memory.peak_mb, 1), head=model.head, amp=args.amp, stop_reason=progress["stop"],
+               peak_rss_mb=round(memory.peak_mb, 1), load_avg=_load_average(), head=model.head, amp=args.amp, stop_reason=progress["stop"],
                target_ppl=args.target_ppl if args.target_ppl is not None else "",
                seconds_to_target=target_seconds, tokens_to_target=target_tokens,
                val_ppl=round(evaluate(model, valid, args.bptt), 2),
@@ -357,6 +357,15 @@ def train_variant(variant: str, args, corpus, cluster: Cluster, key: str) -> dic
     if cluster.main:
         _save(checkpoint, model, optimizer, progress, best_state, row)
     return row
+
+
+def _load_average() -> str:
+    """The machine's 1-minute load average when training ended: timings from a loaded machine
+    (load above its core count) are not the machine's speed."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (OSError, AttributeError):
+        return ""
 
 
 def _write_curve(path: Path, variant: str, seed: int, curve: list) -> None:
