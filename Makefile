@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test fuzz mutate bench bench-lm-head bench-cpu-goals bench-cpu-profile bench-suite lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
+.PHONY: venv test fuzz mutate bench bench-lm-head bench-cpu-goals bench-cpu-profile bench-suite lm lm-plan lm-report lm-quick gpu-check gpu-check-dry-run cuda-build-check resource-report clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,28 @@ bench-cpu-profile: $(STAMP)
 bench-suite: $(STAMP)
 	$(PY) -m pytest bench/suite --benchmark-only -q -p no:cacheprovider
 
-# LM quality benchmark, a few hundred steps of every variant on CPU
+# LM quality suite (bench/lm/suite.py): 3 seeds x every variant x WikiText-2 and PTB, Transformer,
+# fixed token budget per run; runs in the background (nohup), one run at a time, log in
+# $(LM_DIR)/suite.log; rerun to resume (finished runs skipped, unfinished continue from their
+# checkpoint). `make lm-plan` lists the runs and the estimated CPU time; `make lm-report` rewrites
+# $(LM_DIR)/summary.md, summary.csv, verdicts.csv and summary.png from the finished runs.
+LM_DIR ?= bench/results/lm_suite
+LM_ARGS ?=
+lm: $(STAMP)
+	mkdir -p $(LM_DIR)
+	nohup $(PY) -m bench.lm.suite --dir $(LM_DIR) $(LM_ARGS) >> $(LM_DIR)/suite.log 2>&1 < /dev/null & echo $$! > $(LM_DIR)/suite.pid
+	@echo "LM suite started, pid $$(cat $(LM_DIR)/suite.pid); follow: tail -f $(LM_DIR)/suite.log"
+
+lm-plan: $(STAMP)
+	$(PY) -m bench.lm.suite --plan $(LM_ARGS)
+
+lm-report: $(STAMP)
+	$(PY) -m bench.lm.summary $(LM_DIR)
+
+# CI smoke run of the suite: tiny Transformer, 30 steps, 1 seed, tied_unfused / tied / define on
+# PTB, summary in a temporary folder (under a minute on 2 cores)
 lm-quick: $(STAMP)
-	$(PY) -m bench.lm.train --quick
+	$(PY) -m bench.lm.suite --quick
 
 # GPU machine (torch + triton only, no network): build, correctness, memcheck, headline bench in
 # <= 8 minutes with a budget per stage; results and summary in bench/results/ (or DEFINE_RESULTS_DIR).

@@ -74,19 +74,26 @@ SIZES = LayerSizes(vocab=60, emb_dim=16, hidden_dim=16, map_dim=8, expand_dim=24
 def test_every_variant_trains_a_step_and_splits_its_parameters(variant):
     layers = build_layers(variant, SIZES)
     context = LSTMContext(16, 16, 1, 0.0)
-    model = LanguageModel(layers.encoder, context, layers.decoder, 0.1, layers.loss)
+    model = LanguageModel(layers.encoder, context, layers.decoder, 0.1, layers.loss, layers.head)
     split = parameter_split(layers, context)
     unique = {id(p): p.numel() for p in model.parameters()}
     assert split["total"] == sum(unique.values())
     assert split["context"] == sum(p.numel() for p in context.parameters())
+    c0, c1 = SIZES.adaptive_cutoffs  # band widths 16, 16/4, 16/16
+    adaptive_softmax = 16 * (c0 + 2) + (16 * 4 + 4 * (c1 - c0)) + (16 * 1 + 1 * (60 - c1))  # head + 2 tails
     expected_output = {"untied": 16 * 60 + 60, "adaptive": 16 * 60 + 60, "tied": 0, "tied_al": 0,
+                       "tied_unfused": 0, "adaptive_softmax": adaptive_softmax,
                        "slim": 16 * 16 // 2 + 60}.get(variant, 16 * 8)  # DeFINE: bias-free H -> n
     assert split["output"] == expected_output
-    c0, c1 = SIZES.adaptive_cutoffs  # band widths 16, 16/4, 16/16
-    expected_embedding = {"untied": 60 * 16, "tied": 60 * 16, "tied_al": 60 * 16, "slim": 16 * 16 // 2,
-                          "adaptive": c0 * 16 + (c1 - c0) * 4 + (60 - c1) * 1}.get(variant, 60 * 8)
+    adaptive_input = c0 * 16 + (c1 - c0) * 4 + (60 - c1) * 1
+    expected_embedding = {"untied": 60 * 16, "tied": 60 * 16, "tied_al": 60 * 16, "tied_unfused": 60 * 16,
+                          "slim": 16 * 16 // 2, "adaptive": adaptive_input,
+                          "adaptive_softmax": adaptive_input}.get(variant, 60 * 8)
     assert split["embedding"] == expected_embedding
+    assert layers.head == {"tied": "fused", "tied_al": "fused", "untied": "logits", "tied_unfused": "logits",
+                           "slim": "logits", "adaptive": "logits", "adaptive_softmax": "adaptive"}.get(variant, "fused")
     inputs, targets = torch.randint(0, 60, (5, 3)), torch.randint(0, 60, (5, 3))
+    targets[0] = torch.tensor([0, c0, c1])  # a target in every adaptive-softmax band, so every tail gets a gradient
     objective, cross_entropy, _ = model(inputs, targets)
     objective.backward()
     assert math.isfinite(float(objective.detach())) and float(cross_entropy) > 0
@@ -166,3 +173,173 @@ def test_bad_arguments():
         train.parse_args(["--variants", "untied,bogus"])
     args = train.parse_args(["--quick"])
     assert args.steps == train.QUICK["steps"] and args.variants == list(VARIANTS)
+
+
+# ----------------------------------------------------------------------------- seeded suite
+from bench.lm import stats, suite, summary  # noqa: E402
+from bench.lm.schedule import cosine_lr  # noqa: E402
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert abs(stats.t_quantile(0.975, df) - expected) < 1e-3
+    assert abs(stats.t_quantile(0.025, df) + expected) < 1e-3
+
+
+def test_mean_ci_on_made_up_numbers():
+    interval = stats.mean_ci([1.0, 2.0, 3.0])
+    assert interval.n == 3 and interval.mean == 2.0 and interval.sd == 1.0
+    assert abs(interval.half_width - 4.3027 / math.sqrt(3)) < 1e-3
+    one = stats.mean_ci([5.0])
+    assert one.mean == 5.0 and math.isnan(one.low) and math.isnan(one.high)
+    assert stats.mean_ci([]).n == 0 and stats.mean_ci([2.0, float("nan"), 4.0]).n == 2
+
+
+def test_compare_held_not_held_and_not_resolved():
+    held = stats.compare([100, 101, 102], [110, 111, 112])
+    assert held.verdict == stats.HELD and held.seeds_needed is None
+    assert stats.compare([110, 111, 112], [100, 101, 102]).verdict == stats.NOT_HELD
+    close = stats.compare([100, 104, 108], [103, 107, 111])  # gap 3, sd 4 each
+    assert close.verdict == stats.NOT_RESOLVED
+    # smallest n with t_{n-1} * 8 / sqrt(n) < 3: n = 30 (t_29 = 2.045 -> 2.99), n = 29 gives 3.04
+    assert close.seeds_needed == 30 and "(as held," in close.reason
+    assert "(as not held," in stats.compare([103, 107, 111], [100, 104, 108]).reason
+    assert stats.compare([100, 104, 108], [103, 107, 111], max_seeds=20).seeds_needed is None
+    assert stats.compare([1.0], [2.0, 3.0]).verdict == stats.NOT_RESOLVED
+    assert stats.compare([5, 6, 7], [5, 6, 7]).seeds_needed is None  # equal means never resolve
+    assert stats.below([100, 101, 102], 150).verdict == stats.HELD
+    assert stats.below([160, 161, 162], 150).verdict == stats.NOT_HELD
+    assert stats.below([140, 150, 160], 150).verdict == stats.NOT_RESOLVED
+
+
+def _row(variant, seed, test, params, dataset="wt2", spe=100.0):
+    return dict(dataset=dataset, model="transformer", variant=variant, seed=str(seed), test_ppl=str(test),
+                val_ppl=str(test + 5), params_total=str(params), params_embedding="0", params_transform="0",
+                params_context="0", params_output="0", seconds_per_epoch=str(spe), tokens_per_s="1000",
+                peak_rss_mb="100", train_seconds="60", seconds_to_target="", target_ppl="200")
+
+
+def test_judge_computes_the_orderings_from_rows():
+    rows = []
+    for seed, jitter in ((1, -1.0), (2, 0.0), (3, 1.0)):
+        rows += [_row("untied", seed, 160 + jitter, 20e6), _row("tied", seed, 140 + jitter, 12e6, spe=200),
+                 _row("tied_unfused", seed, 140 + jitter, 12e6, spe=400 + jitter),
+                 _row("tied_al", seed, 139 + 3 * jitter, 12e6),
+                 _row("define", seed, 145 + jitter, 6e6, spe=150 + jitter), _row("linear", seed, 150 + jitter, 7e6)]
+    rows.append(_row("tied", 3, 999, 12e6))  # an older row of the same (variant, seed): replaced below
+    rows.append(_row("tied", 3, 141, 12e6))
+    verdicts = {v["claim"]: v for v in summary.judge(rows)}
+    assert verdicts["tied < untied (RE)"]["verdict"] == stats.HELD
+    assert verdicts["REAL < RE (tied + augmented loss < tied)"]["verdict"] == stats.NOT_RESOLVED
+    assert verdicts["DeFINE < linear transform"]["verdict"] == stats.HELD
+    assert verdicts["DeFINE (fewer parameters) <= untied"]["verdict"] == stats.HELD
+    assert verdicts["tied test perplexity < 150"]["verdict"] == stats.HELD
+    speed = next(v for k, v in verdicts.items() if k.startswith("define s/epoch"))
+    assert speed["verdict"] == stats.HELD  # 150 s vs 0.5 x 400 s at 0.5x the parameters
+    assert "DeFINE < GLT" not in verdicts  # glt was not run
+    # DeFINE with more parameters than untied cannot hold the "fewer parameters" claim
+    bigger = [dict(r, params_total="30000000") if r["variant"] == "define" else r for r in rows]
+    assert {v["claim"]: v for v in summary.judge(bigger)}["DeFINE (fewer parameters) <= untied"]["verdict"] \
+        == stats.NOT_HELD
+    wanted = summary.extra_seeds(summary.judge(rows), {("wt2", "tied_al"): 3, ("wt2", "tied"): 3}, max_seeds=5)
+    real = verdicts["REAL < RE (tied + augmented loss < tied)"]
+    if real["seeds_needed"] not in ("", None) and real["seeds_needed"] <= 5:
+        assert wanted == {("wt2", "tied_al"): real["seeds_needed"], ("wt2", "tied"): real["seeds_needed"]}
+    else:
+        assert wanted == {}
+    table = summary.summarise(rows)
+    tied = next(s for s in table if s["variant"] == "tied")
+    assert tied["n"] == 3 and abs(tied["test_ppl_mean"] - (139 + 140 + 141) / 3) < 1e-9
+
+
+def test_cosine_schedule_warms_up_and_decays():
+    assert cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert cosine_lr(55, 100, 1.0, warmup=10, min_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_suite_plan_is_seed_major():
+    runs = suite.plan({"wt2": dict(variants=("tied", "define")), "ptb": dict(variants=("define",))}, [1, 2])
+    assert runs == [("wt2", "tied", 1), ("wt2", "define", 1), ("ptb", "define", 1),
+                    ("wt2", "tied", 2), ("wt2", "define", 2), ("ptb", "define", 2)]
+
+
+def test_transformer_fused_head_end_to_end(tmp_path, one_thread):
+    """The suite's Transformer path at toy size: bf16 autocast, cosine schedule, token budget,
+    the fused head for tied variants (no logits: TiedOutput.forward is never called) and the
+    unfused baseline; curve CSV, memory and timing columns; summary files from the rows."""
+    calls = []
+    original = __import__("define_kernels").relatives.TiedOutput.forward
+
+    def spy(self, h):
+        calls.append(type(self._owner[0]).__name__)
+        return original(self, h)
+
+    args = tiny_args(tmp_path, "--preset", "transformer", "--model", "transformer", "--variants",
+                     "define,tied_unfused", "--heads", "2", "--train-budget", "960", "--evals", "3",
+                     "--warmup", "2", "--val-tokens", "500", "--curve-out", str(tmp_path / "curve.csv"),
+                     "--target-ppl", "100000")
+    at = args.index("--steps")
+    del args[at:at + 2]  # the token budget sets the steps
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(__import__("define_kernels").relatives.TiedOutput, "forward", spy)
+    try:
+        rows = train.main(args)
+    finally:
+        monkey.undo()
+    define, unfused = rows
+    assert define["head"] == "fused" and unfused["head"] == "logits" and define["amp"] == "bf16"
+    assert define["steps"] == 12 and define["train_tokens"] == 960  # 960 tokens / (8 x 10) per step
+    assert all(math.isfinite(r["test_ppl"]) and 1 < r["test_ppl"] < 9_500 for r in rows)
+    assert define["params_total"] < unfused["params_total"]
+    assert define["tokens_per_s"] > 0 and define["peak_rss_mb"] >= 0 and define["seconds_to_target"] != ""
+    assert len(calls) >= 12 and set(calls) == {"Embedding"}  # only tied_unfused made logits, not DeFINE's
+    curve = report.read_rows(tmp_path / "curve.csv")
+    assert [int(p["step"]) for p in curve if p["variant"] == "tied_unfused"] == [4, 8, 12]
+    assert [int(p["step"]) for p in curve if p["variant"] == "define"] == [4, 8, 12]
+    runs = tmp_path / "suite" / "runs"
+    runs.mkdir(parents=True)
+    (tmp_path / "lm.csv").rename(runs / "ptb_all_s1234.csv")
+    result = summary.write(tmp_path / "suite")
+    assert (tmp_path / "suite" / "summary.md").exists() and result["png"].stat().st_size > 1000
+    assert {s["variant"] for s in result["summary"]} == {"define", "tied_unfused"}
+
+
+def test_seconds_to_target_interpolates_in_log_perplexity():
+    curve = [dict(val_ppl=800.0, train_seconds=10.0, tokens=1000), dict(val_ppl=200.0, train_seconds=20.0, tokens=2000)]
+    assert train.seconds_to_target(curve, 1000.0) == (10.0, 1000)  # the first evaluation already there
+    assert train.seconds_to_target(curve, 400.0) == (15.0, 1500.0)  # halfway in log(800) .. log(200)
+    assert train.seconds_to_target(curve, 100.0) == ("", "")
+    assert train.seconds_to_target(curve, None) == ("", "")
+
+
+def test_suite_counts_a_run_finished_only_with_a_complete_row(tmp_path):
+    path = tmp_path / "run.csv"
+    assert not suite.finished(path)
+    report.write_rows(path, [dict(variant="tied", test_ppl="", config="")])
+    assert not suite.finished(path)  # killed while writing
+    report.write_rows(path, [dict(variant="tied", test_ppl="123.4", config="layers=4")])
+    assert suite.finished(path)
+
+
+@pytest.mark.parametrize("variant", ["adaptive_softmax", "tied", "tied_unfused", "define_al", "untied"])
+def test_transformer_heads_under_bf16_autocast(variant):
+    """Every head of the suite's Transformer path trains a step under bf16 autocast; the fused
+    head (tied, define_al) and the unfused one give the same cross-entropy sum in eval."""
+    torch.manual_seed(0)
+    layers = build_layers(variant, SIZES)
+    model = LanguageModel(layers.encoder, TransformerContext(16, 1, 2, 0.0), layers.decoder, 0.0, layers.loss,
+                          layers.head, torch.bfloat16)
+    inputs, targets = torch.randint(0, 60, (6, 2)), torch.randint(0, 60, (6, 2))
+    targets[0] = torch.tensor([0, SIZES.adaptive_cutoffs[1]])
+    objective, cross_entropy, _ = model(inputs, targets)
+    objective.backward()
+    assert objective.dtype == torch.float32 and math.isfinite(float(objective.detach()))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if layers.head == "fused":
+        model.eval()
+        fused = model(inputs, targets)[1]
+        model.head = "logits"
+        assert abs(float(model(inputs, targets)[1]) - float(fused)) < 0.05 * float(fused)

@@ -15,7 +15,13 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 COLUMNS = ("date", "device", "commit", "mode", "dataset", "model", "variant", "params_embedding",
            "params_transform", "params_context", "params_output", "params_total", "steps",
            "train_tokens", "train_seconds", "best_step", "val_ppl", "test_ppl", "world_size",
-           "seed", "torch", "config")
+           "seed", "torch", "config",
+           # added with the seeded Transformer suite; train_seconds excludes evaluation since then
+           "head", "amp", "epochs", "wall_seconds", "tokens_per_s", "seconds_per_epoch", "peak_rss_mb",
+           "stop_reason", "target_ppl", "seconds_to_target", "tokens_to_target", "threads", "load_avg")
+# one row per evaluation of a run (train.py --curve-out)
+CURVE_COLUMNS = ("variant", "seed", "step", "tokens", "train_seconds", "wall_seconds", "lr", "train_ppl",
+                 "val_ppl")
 
 
 def device_name(device: torch.device) -> str:
@@ -47,6 +53,18 @@ def append_rows(path: Path, rows: list) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({column: row.get(column, "") for column in COLUMNS})
+
+
+def write_rows(path: Path, rows: list, columns=COLUMNS) -> None:
+    """Write (replace) a CSV atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({column: row.get(column, "") for column in columns})
+    temporary.replace(path)
 
 
 def read_rows(path: Path) -> list:

@@ -1,13 +1,22 @@
 """The input/output layers each benchmark variant plugs into the LM, and the parameter split.
 
     untied        nn.Embedding(V, d)  + Linear(H, V)              (separate output matrix)
-    tied          nn.Embedding(V, d)  + TiedOutput (RE, Inan et al.)
-    tied_al       tied + AugmentedLoss (REAL)
+    tied          nn.Embedding(V, d)  + TiedOutput (RE, Inan et al.), loss through the fused head
+    tied_unfused  tied, but the loss unfused: F.linear(h, E) -> [tokens x V] logits -> F.cross_entropy
+                  (what a user writes without this library: the wall-clock baseline)
+    tied_al       tied + augmented loss (REAL), alpha > 0 inside the fused head
     slim          SlimEmbedding       + SlimOutput (own pools; Li et al.)
-    adaptive      AdaptiveInput(V, d) + Linear(H, V) (full softmax: no adaptive softmax here)
+    adaptive      AdaptiveInput(V, d) + Linear(H, V) (full softmax)
+    adaptive_softmax
+                  AdaptiveInput(V, d) + nn.AdaptiveLogSoftmaxWithLoss (same frequency bands, same
+                  factor; untied: torch's adaptive softmax cannot share the input bands)
     linear, glt, glt_shuffle, hgt, define_nomix, define
                   DeFINE(V, d, transform=...) + TiedOutput to its map table (bias-free H -> n
-                  projection, as the authors' code ties DeFINE)
+                  projection, as the authors' code ties DeFINE), loss through the fused head
+    define_al     define + augmented loss (alpha > 0 inside the fused head)
+
+`Layers.head` is how LanguageModel computes the loss ("logits", "fused", "adaptive"; see
+model.py); the tied variants use the fused head unless their name says unfused.
 """
 from __future__ import annotations
 
@@ -28,7 +37,8 @@ DEFINE_TRANSFORMS = {
     "define_nomix": dict(transform="define_nomix"),
     "define": dict(transform="define"),
 }
-VARIANTS = ("untied", "tied", "tied_al", "slim", "adaptive") + tuple(DEFINE_TRANSFORMS)
+VARIANTS = (("untied", "tied", "tied_al", "slim", "adaptive") + tuple(DEFINE_TRANSFORMS)
+            + ("tied_unfused", "adaptive_softmax", "define_al"))
 PARAM_GROUPS = ("embedding", "transform", "context", "output")
 
 
@@ -66,13 +76,14 @@ class Layers(NamedTuple):
     decoder: nn.Module
     loss: Optional[AugmentedLoss]
     tables: tuple  # the encoder's lookup tables: counted as "embedding", the rest as "transform"
+    head: str = "logits"  # how LanguageModel computes the loss (model.HEADS)
 
 
 def build_layers(variant: str, sizes: LayerSizes) -> Layers:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     vocab, d, hidden = sizes.vocab, sizes.emb_dim, sizes.hidden_dim
-    if variant in ("untied", "tied", "tied_al"):
+    if variant in ("untied", "tied", "tied_al", "tied_unfused"):
         encoder = nn.Embedding(vocab, d)
         nn.init.uniform_(encoder.weight, -sizes.init_range, sizes.init_range)
         if variant == "untied":
@@ -80,7 +91,8 @@ def build_layers(variant: str, sizes: LayerSizes) -> Layers:
         else:
             decoder = TiedOutput(encoder, hidden)
         loss = AugmentedLoss(sizes.al_tau, sizes.al_alpha) if variant == "tied_al" else None
-        return Layers(encoder, decoder, loss, (encoder.weight,))
+        head = "fused" if variant in ("tied", "tied_al") else "logits"
+        return Layers(encoder, decoder, loss, (encoder.weight,), head)
     if variant == "slim":
         k, pool = sizes.slim_subvectors, sizes.slim_pool
         encoder = SlimEmbedding(vocab, d, num_subvectors=k, pool_size=pool, seed=sizes.seed)
@@ -88,13 +100,19 @@ def build_layers(variant: str, sizes: LayerSizes) -> Layers:
         for pools in (encoder.pools, decoder.table.pools):
             nn.init.uniform_(pools, -sizes.init_range, sizes.init_range)
         return Layers(encoder, decoder, None, (encoder.pools,))
-    if variant == "adaptive":
+    if variant in ("adaptive", "adaptive_softmax"):
         encoder = AdaptiveInput(vocab, d, sizes.adaptive_cutoffs, sizes.adaptive_factor)
-        decoder = _uniform_output(UntiedOutput(hidden, vocab), sizes.init_range)
-        return Layers(encoder, decoder, None, tuple(band.weight for band in encoder.bands))
+        bands = tuple(band.weight for band in encoder.bands)
+        if variant == "adaptive":
+            return Layers(encoder, _uniform_output(UntiedOutput(hidden, vocab), sizes.init_range), None, bands)
+        decoder = nn.AdaptiveLogSoftmaxWithLoss(hidden, vocab, list(sizes.adaptive_cutoffs),
+                                                div_value=float(sizes.adaptive_factor))
+        return Layers(encoder, decoder, None, bands, "adaptive")
+    transform = DEFINE_TRANSFORMS["define" if variant == "define_al" else variant]
     encoder = DeFINE(vocab, d, map_dim=sizes.map_dim, expand_dim=sizes.expand_dim, depth=sizes.depth,
-                     max_groups=sizes.max_groups, **DEFINE_TRANSFORMS[variant])
-    return Layers(encoder, TiedOutput(encoder, hidden), None, (encoder.map_weight,))
+                     max_groups=sizes.max_groups, **transform)
+    loss = AugmentedLoss(sizes.al_tau, sizes.al_alpha) if variant == "define_al" else None
+    return Layers(encoder, TiedOutput(encoder, hidden), loss, (encoder.map_weight,), "fused")
 
 
 def _uniform_output(linear: nn.Linear, init_range: float) -> nn.Linear:
