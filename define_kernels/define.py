@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, ops, pretrained, reference
+from . import checkpoint, delight_layout, ops, pretrained, reference
 from .checks import (check_ids_dtype, check_ids_in_range, check_known_options, check_positive_int,
                      check_same_device)
 from .config import LN_EPS, HGTConfig
@@ -290,15 +290,13 @@ class DeFINE(nn.Module):
     # ------------------------------------------------------------------------------ authors' layout
     @classmethod
     def delight(cls, num_embeddings: int, embedding_dim: int, **options) -> "DeFINE":
-        """The authors' DeFINE layout (define_kernels/delight.py, `delight_define`)."""
-        from .delight import delight_define  # lazy: delight.py imports this module
-        return delight_define(num_embeddings, embedding_dim, **options)
+        """The authors' DeFINE layout (define_kernels/delight_layout.py, `delight_define`)."""
+        return delight_layout.delight_define(cls, num_embeddings, embedding_dim, **options)
 
     @classmethod
     def from_delight(cls, state_dict: dict, prefix: str = "", **options) -> "DeFINE":
-        """A DeFINE holding one of the authors' DExTraEmb state dicts (`delight.from_delight`)."""
-        from .delight import from_delight
-        return from_delight(state_dict, prefix, **options)
+        """A DeFINE holding one of the authors' DExTraEmb state dicts (`delight_layout.from_delight`)."""
+        return delight_layout.from_delight(cls, state_dict, prefix, **options)
 
     # ------------------------------------------------------------------------------ counting
     def parameter_counts(self) -> dict:

@@ -6,6 +6,7 @@ import torch
 import define_kernels as dk
 from define_kernels import backends, ops, reference
 from define_kernels.backends import BackendUnavailableError
+from define_kernels.backends import registry as backend_registry
 from tolerances import ATOL, RTOL, assert_close
 
 CONFIGS = {
@@ -189,12 +190,12 @@ def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
 def test_auto_follows_the_measured_ranking(monkeypatch):
     """A measured ranking for (device, dtype) reorders the measured backends within their places
     in `auto`; other backends and other dtypes keep priority order."""
-    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
+    monkeypatch.setattr(backend_registry, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
     by_priority = [b.name for b in backends.backends_by_priority()]
     order = [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)]
     assert order.index("cpu_cpp") < order.index("torch")
     assert [n for n in order if n not in ("cpu_cpp", "torch")] == [n for n in by_priority if n not in ("cpu_cpp", "torch")]
-    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["torch", "cpu_cpp"]}})
+    monkeypatch.setattr(backend_registry, "measured_ranking", lambda: {"cpu": {"float64": ["torch", "cpu_cpp"]}})
     assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)] == by_priority
     assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float32)] == by_priority
 

@@ -7,6 +7,7 @@ import torch
 
 import define_kernels
 from define_kernels import HGTConfig, backends, hgt, reference
+from define_kernels.backends import registry as backend_registry
 
 CONFIG = HGTConfig(8, 16, 6, 2, 2)
 
@@ -14,10 +15,12 @@ CONFIG = HGTConfig(8, 16, 6, 2, 2)
 @pytest.fixture
 def registry(monkeypatch):
     """An isolated registry holding the real backends plus whatever the test registers."""
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    monkeypatch.setattr(backends, "_default_backend", None)
+    saved = dict(backend_registry._REGISTRY)
+    monkeypatch.setattr(backend_registry, "_default_backend", None)
     monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
-    return backends._REGISTRY
+    yield backend_registry._REGISTRY
+    backend_registry._REGISTRY.clear()
+    backend_registry._REGISTRY.update(saved)
 
 
 def fake_backend(name, priority, calls, devices=("cpu",), reasons=()):
@@ -59,7 +62,7 @@ def test_set_backend_and_env_choose_the_default(registry, monkeypatch):
     run_op()
     define_kernels.set_backend("auto")
     run_op()
-    monkeypatch.setattr(backends, "_default_backend", None)
+    monkeypatch.setattr(backend_registry, "_default_backend", None)
     monkeypatch.setenv(backends.ENV_BACKEND, "second")
     run_op()
     assert calls == ["second", "first", "second"]

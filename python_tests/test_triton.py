@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from define_kernels import DeFINE, backends, ops, reference
-from define_kernels.backends import triton_hgt
+from define_kernels.backends import triton_hgt, triton_launch, triton_layout
 from define_kernels.config import HGTConfig
 
 from conftest import usable_backend
@@ -244,13 +244,13 @@ def compile_kernels_for_sm90():
     """bf16 forward and GEMM backward kernels through the real compiler (run outside the
     interpreter, see the test below)."""
     from define_kernels.backends.triton_kernels import backward, forward
-    tuner = triton_hgt._forward_kernel()  # the GPU path wraps the kernel in an autotuner
-    assert len(tuner.configs) == len(triton_hgt.forward_configs()) > 1
+    tuner = triton_launch._forward_kernel()  # the GPU path wraps the kernel in an autotuner
+    assert len(tuner.configs) == len(triton_launch.forward_configs()) > 1
     config = HGTConfig(**dict(SMALL, transform="define_nomix", shuffle=True, dropout=0.1))
     in_proj = HGTConfig(**dict(SMALL, in_proj_from=20, in_proj_dropout=0.2, dropout=0.1))
-    for index, candidate in enumerate(triton_hgt.forward_configs()):  # every candidate: wgmma on sm_90
+    for index, candidate in enumerate(triton_launch.forward_configs()):  # every candidate: wgmma on sm_90
         stack = in_proj if index == 0 else config  # the in-proj layout once (its x' reads)
-        tables = {k: v for k, v in triton_hgt.stack_layout(stack, save=index == 0).items()
+        tables = {k: v for k, v in triton_layout.stack_layout(stack, save=index == 0).items()
                   if k not in ("z_width", "h_width", "num_params")}
         _compile_sm90(forward.hgt_forward_kernel,
                       dict(x_ptr="*bf16", ids_ptr="*i32", params_ptr="*bf16", z_ptr="*fp32",
@@ -260,9 +260,9 @@ def compile_kernels_for_sm90():
                            proj_drop_scale="fp32"),
                       dict(tables, HAS_IDS=True, DROPOUT=True, DOT_PRECISION="tf32", **candidate.kwargs),
                       mma="wgmma", num_warps=candidate.num_warps, num_stages=candidate.num_stages)
-    layout = triton_hgt.stack_layout(config, save=True)
+    layout = triton_layout.stack_layout(config, save=True)
     tiles = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32)
-    epilogue = triton_hgt.backward_tiles(torch.bfloat16)
+    epilogue = triton_launch.backward_tiles(torch.bfloat16)
     _compile_sm90(backward.epilogue_backward_kernel,
                   dict(dh_ptr="*fp32", z_ptr="*fp32", params_ptr="*bf16", dz_ptr="*fp32",
                        dgamma_ptr="*fp32", dbeta_ptr="*fp32", ids_ptr="*i64", bases_ptr="*i64"),

@@ -30,7 +30,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 
 from ..config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, HGTConfig
-from . import Backend, cuda_toolkit, register_backend
+from . import cuda_toolkit
+from .registry import Backend, register_backend
 
 logger = logging.getLogger(__name__)
 # The two first-use build lines go to this logger. A library does not configure logging, but a

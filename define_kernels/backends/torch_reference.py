@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from . import Backend, register_backend
+from .registry import Backend, register_backend
 
 register_backend(Backend(
     name="torch",

@@ -1,7 +1,7 @@
 """The Triton path as `torch.library.triton_op`s, so torch.compile / Inductor see the kernels.
 
 The public op (ops.py) is a custom op: opaque to the compiler, which then calls it as one
-black box. Here the same launches (triton_hgt.run_forward / _run_backward) run inside
+black box. Here the same launches (triton_launch.run_forward / run_backward) run inside
 `triton_op`s with every kernel passed through `wrap_triton`, so a graph captured with
 torch.compile(fullgraph=True) or torch.export contains the Triton kernels themselves
 (`triton_kernel_wrapper_functional` nodes) next to the surrounding torch ops, which Inductor
@@ -32,9 +32,9 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from ..checks import check_op_inputs
-from . import first_use_check
 from ..config import HGTConfig
-from . import triton_hgt
+from . import first_use_check, triton_launch
+from .registry import BackendUnavailableError, OpInputs, select
 
 
 class _InterpretedLaunch:
@@ -62,15 +62,15 @@ class _InterpretedLaunch:
 
 
 def _wrap(kernel):
-    return _InterpretedLaunch(kernel) if triton_hgt._interpreting() else wrap_triton(kernel)
+    return _InterpretedLaunch(kernel) if triton_launch.interpreting() else wrap_triton(kernel)
 
 
 @triton_op("define_kernels::triton_hgt_forward", mutates_args=())
 def triton_hgt_forward(x: torch.Tensor, ids: Optional[torch.Tensor], params: List[torch.Tensor],
                        config: str, scale: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
     cfg = HGTConfig.from_key(config)
-    with triton_hgt._on_device(x.device):
-        return triton_hgt.run_forward(x, ids, list(params), cfg, scale, seed, save=False,
+    with triton_launch.on_device(x.device):
+        return triton_launch.run_forward(x, ids, list(params), cfg, scale, seed, save=False,
                                       wrap=_wrap)[0]
 
 
@@ -79,8 +79,8 @@ def triton_hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[tor
                         params: List[torch.Tensor], config: str, scale: float,
                         seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, List[torch.Tensor]]:
     cfg = HGTConfig.from_key(config)
-    with triton_hgt._on_device(x.device):
-        grad_rows, grad_params = triton_hgt._run_backward(
+    with triton_launch.on_device(x.device):
+        grad_rows, grad_params = triton_launch.run_backward(
             grad_y.contiguous(), x, ids, list(params), cfg, scale, seed, wrap=_wrap)
     return grad_rows, list(grad_params)
 
@@ -132,7 +132,6 @@ def _triton_would_run(config_key: str, dtype: torch.dtype, device: torch.device,
                       dropout: bool, backend: str) -> bool:
     """Eagerly, at trace time: does backends.select pick triton (first-use check included) for a
     random probe of this config, dtype, device and dropout setting?"""
-    from . import BackendUnavailableError, OpInputs, select
     config = HGTConfig.from_key(config_key)
     generator = torch.Generator().manual_seed(0)
     rows = first_use_check.PROBE_ROWS
