@@ -19,7 +19,7 @@ allocates a table-sized buffer itself.
 Activation policy (`hgt(..., activations=)`): "recompute" runs hgt_forward, whose backward
 reruns the forward from the inputs (nothing but the inputs is kept: least memory); "save" runs
 hgt_forward_saving, which also returns the activations its backward needs
-(reference.saved_shapes: two [T, width] tensors per layer), so backward does no forward GEMM;
+(contract.Plan.saved_shapes: two [T, width] tensors per layer), so backward does no forward GEMM;
 "auto" is backends.DEFAULT_POLICY for the device. Without autograd, both run hgt_forward.
 
 Autocast (CPU and CUDA): under torch.autocast the forward ops compute in the autocast dtype from
@@ -38,9 +38,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends, reference, table_grad_cache
+from . import backends, contract, table_grad_cache
 from .backends import cpp_ext
-from .checks import check_ids_in_range, check_op_inputs
+from .checks import check_ids_in_range
 from .config import HGTConfig
 
 
@@ -50,7 +50,7 @@ def _seed_value(seed: Optional[torch.Tensor]) -> Optional[int]:
 
 def _prepare(x, ids, params, config, scale, seed, backend, policy=backends.RECOMPUTE):
     cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
+    contract.check_inputs(x, ids, params, contract.plan(cfg))
     if ids is not None:
         check_ids_in_range(ids, x.shape[0])
     inputs = backends.OpInputs(x, ids, params, cfg, scale, _seed_value(seed))
@@ -97,21 +97,21 @@ def _unaliased(outputs: List[torch.Tensor], inputs: List[torch.Tensor]) -> List[
     return fresh
 
 
-def _rows(x, ids):
-    return x.shape[0] if ids is None else ids.shape[0]
+def _checked_plan(x, ids, params, config: str) -> contract.Plan:
+    plan = contract.plan(HGTConfig.from_key(config))
+    contract.check_inputs(x, ids, params, plan)
+    return plan
 
 
 @hgt_forward.register_fake
 def _hgt_forward_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    return x.new_empty(_rows(x, ids), cfg.out_dim)
+    return contract.forward_outputs(x, ids, _checked_plan(x, ids, params, config))
 
 
 @hgt_backward.register_fake
 def _hgt_backward_fake(grad_y, x, ids, params, config, scale, seed, backend):
-    check_op_inputs(x, ids, params, HGTConfig.from_key(config))
-    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
+    _checked_plan(x, ids, params, config)
+    return contract.backward_outputs(x, ids, params)
 
 
 def _setup_context(ctx, inputs, output):
@@ -215,26 +215,15 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     return grad_rows, _contiguous(list(grad_params))
 
 
-def _check_saved(saved, x, ids, cfg):
-    expected = reference.saved_shapes(cfg, _rows(x, ids))
-    if [tuple(t.shape) for t in saved] != expected:
-        raise ValueError(f"saved must hold tensors of shapes {expected}, got {[tuple(t.shape) for t in saved]}")
-
-
 @hgt_forward_saving.register_fake
 def _hgt_forward_saving_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    rows = _rows(x, ids)
-    return x.new_empty(rows, cfg.out_dim), [x.new_empty(shape) for shape in reference.saved_shapes(cfg, rows)]
+    return contract.forward_outputs(x, ids, _checked_plan(x, ids, params, config), saving=True)
 
 
 @hgt_backward_saved.register_fake
 def _hgt_backward_saved_fake(grad_y, x, ids, params, saved, config, scale, seed, backend):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    _check_saved(saved, x, ids, cfg)
-    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
+    contract.check_saved(saved, x, ids, _checked_plan(x, ids, params, config))
+    return contract.backward_outputs(x, ids, params)
 
 
 def _setup_context_saving(ctx, inputs, output):

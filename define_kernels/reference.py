@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import contract
 from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, LN_EPS, HGTConfig
 
 _MASK32 = 0xFFFFFFFF
@@ -109,13 +110,8 @@ def activation(z: torch.Tensor, act: Optional[str]) -> torch.Tensor:
 
 def split_params(params: Sequence[torch.Tensor], config: HGTConfig) -> list:
     """The flat op parameter list as per-layer (weight, bias, norm_weight, norm_bias) tuples."""
-    layers, offset = [], 0
-    for index in range(len(config.layers)):
-        count = config.params_per_layer(index)
-        chunk = list(params[offset:offset + count]) + [None] * (4 - count)
-        layers.append(tuple(chunk))
-        offset += count
-    return layers
+    return [tuple(params[layer.param_offset:layer.param_offset + layer.num_params])
+            + (None,) * (4 - layer.num_params) for layer in contract.plan(config).layers]
 
 
 def input_rows(x: torch.Tensor, ids: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -206,19 +202,8 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
 
 
 # ----------------------------------------------------------------------------- "save" policy
-# The forward also returns what the backward needs, so backward reruns no GEMM:
-#   saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
-# pre_l [T, w_l]: layer l's grouped-linear output with bias, after the shuffle, before the norm;
-# u_l [T, a_l]: layer l's input (layer_input), for l >= 1 (layer 0's input is the stack input).
-# Every backend supporting "save" uses this layout, so the ops' fakes need no backend.
-
-def saved_shapes(config: HGTConfig, rows: int) -> list:
-    shapes = []
-    for index, layer in enumerate(config.layers):
-        if index:
-            shapes.append((rows, layer.in_features))
-        shapes.append((rows, layer.out_features))
-    return shapes
+# The forward also returns what the backward needs, so backward reruns no GEMM: the activations
+# of contract.Plan.saved_shapes (each layer's pre-norm output and, from layer 1 on, its input).
 
 
 def _unshuffle(pre: torch.Tensor, groups: int) -> torch.Tensor:
@@ -284,7 +269,7 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     rows, p = stack_in.shape[0], config.in_dim
     layer_params = split_params(params, config)
     grad_params = [None] * len(params)
-    offsets = [sum(config.params_per_layer(i) for i in range(index)) for index in range(len(config.layers))]
+    offsets = [layer.param_offset for layer in contract.plan(config).layers]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # grad_x: of the x the layers read (the in-proj's output when there is one), then of the op's input
     grad_x = torch.zeros(rows, p, dtype=acc_dtype, device=x.device)

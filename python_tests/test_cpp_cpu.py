@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from define_kernels import ops, reference
+from define_kernels import contract, ops, reference
 from define_kernels.backends import cpp_ext
 from define_kernels.config import HGTConfig
 from tolerances import assert_close, assert_low_precision_close
@@ -193,7 +193,7 @@ def test_saved_layout_is_the_references():
     params = make_params(config)
     _, saved = cpp_ext.forward_saving(x, ids, params, config, 0.7, None)
     _, saved_ref = reference.hgt_forward_saving(x, ids, params, config, 0.7, None)
-    assert [tuple(t.shape) for t in saved] == reference.saved_shapes(config, 30)
+    assert [tuple(t.shape) for t in saved] == contract.plan(config).saved_shapes(30)
     for index, (a, b) in enumerate(zip(saved, saved_ref)):
         assert_close(a, b, name=f"saved[{index}]")
 

@@ -6,7 +6,7 @@ The authors' layout against their independent formulation: test_delight.py.
 import pytest
 import torch
 
-from define_kernels import HGT, DeFINE, HGTConfig, backends, checkpoint, ops
+from define_kernels import HGT, DeFINE, HGTConfig, backends, checkpoint, codes, contract, ops
 from define_kernels.backends import cpp_ext
 
 from conftest import usable_backend
@@ -153,22 +153,22 @@ def test_cpp_ops_check_the_in_proj_encoding():
     config = HGTConfig(**CONFIGS[0][1])
     x, ids, params = _inputs(config, True)
     layers, shuffle, dropout, scale, seed = cpp_ext.cpp_args(config, 1.0, None)
-    per = cpp_ext.INTS_PER_LAYER
+    per = codes.INTS_PER_LAYER
     bad_kind = list(layers)
     bad_kind[per + 3] = 4          # layer 1 claims to be an in-proj
     bad_follow = list(layers)
     bad_follow[per + 3] = 1        # layer 1 after an in-proj must read x
     bad_dropout = list(layers)
-    bad_dropout[6] = cpp_ext.dropout_bits(1.5)
+    bad_dropout[6] = contract.dropout_bits(1.5)
     for bad in (bad_kind, bad_follow, bad_dropout):
         with pytest.raises(ValueError, match="layers"):
-            cpp_ext.check_cpp_args(x, ids, params, bad, dropout, seed)
+            contract.check_encoded_inputs(x, ids, params, bad, dropout, seed)
     if cpp_ext.unavailable_reason():
         pytest.skip(f"C++ library: {cpp_ext.unavailable_reason()}")
     for bad in (bad_kind, bad_follow, bad_dropout):
         with pytest.raises(ValueError, match="layers"):
             torch.ops.define_kernels_C.hgt_forward(x, ids, params, bad, shuffle, dropout, scale, seed)
-    assert cpp_ext.dropout_from_bits(cpp_ext.dropout_bits(0.1)) == 0.1
+    assert contract.dropout_from_bits(contract.dropout_bits(0.1)) == 0.1
 
 
 @pytest.mark.parametrize("options, argument", [

@@ -16,11 +16,9 @@ report themselves unavailable, so `auto` falls back to the reference.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
-import struct
 import threading
 import time
 import warnings
@@ -29,7 +27,8 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, HGTConfig
+from .. import contract
+from ..config import HGTConfig
 from . import cuda_toolkit
 from .registry import Backend, register_backend
 
@@ -56,36 +55,9 @@ ENV_VERBOSE = "DEFINE_KERNELS_VERBOSE_BUILD"
 ENV_CSRC = "DEFINE_KERNELS_CSRC"
 
 # ----------------------------------------------------------------------------- layer encoding
-_INPUT_KIND_CODES = {INPUT_X: 0, INPUT_MIX: 1, INPUT_CONCAT: 2, INPUT_PREV: 3, INPUT_PROJ: 4}
-_ACT_CODES = {None: 0, "gelu": 1, "relu": 2, "silu": 3}
-INTS_PER_LAYER = 7
-
-
-def dropout_bits(p: float) -> int:
-    """A dropout probability as the int64 holding its float64 bits (the 7th int of a layer)."""
-    return struct.unpack("<q", struct.pack("<d", float(p)))[0]
-
-
-def dropout_from_bits(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _encoded_layers(config: HGTConfig) -> tuple:
-    ints = []
-    for index, layer in enumerate(config.layers):
-        ints += [layer.in_features, layer.out_features, layer.groups,
-                 _INPUT_KIND_CODES[layer.input_kind], int(config.layer_has_norm(index)),
-                 _ACT_CODES[config.layer_act(index)], dropout_bits(config.layer_dropout(index))]
-    return tuple(ints)
-
-
 def encode_layers(config: HGTConfig) -> List[int]:
-    """The `layers` argument of the C++ ops: per layer (in_features, out_features, groups,
-    input_kind 0 x | 1 mix | 2 concat | 3 prev | 4 proj, has_norm 0/1, act 0 none | 1 gelu |
-    2 relu | 3 silu, the layer's dropout probability as float64 bits: dropout_bits).
-    The one place an HGTConfig is turned into these ints (cpu_cpp and cuda backends)."""
-    return list(_encoded_layers(config))
+    """The `layers` argument of the C++ ops: contract.Plan.encode (codes in codes.py)."""
+    return contract.plan(config).encode()
 
 
 def cpp_args(config: HGTConfig, scale: float, seed: Optional[int]) -> tuple:
@@ -264,96 +236,31 @@ def table_grad_into(table: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Ten
 
 
 # ----------------------------------------------------------------------------- fakes
-def check_cpp_args(x, ids, params, layers, dropout, seed, allow_in_proj=True) -> list:
-    """Python mirror of checks.h (same arguments named, same exception types); returns the
-    per-layer (in, out, groups, kind, has_norm, act) tuples. allow_in_proj: the CPU ops run
-    an in-proj layer 0 (kind 4), the CUDA ones do not."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor [rows, in_dim], got {x.dim()} dims")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x must be floating point, got {x.dtype}")
-    if ids is not None:
-        if ids.dim() != 1:
-            raise ValueError(f"ids must be 1-D, got {ids.dim()} dims")
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"ids must be int32 or int64, got {ids.dtype}")
-        if ids.device != x.device:
-            raise ValueError(f"ids is on {ids.device} but x is on {x.device}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if not -1 <= seed < 2**31:
-        raise ValueError(f"seed must be -1 (no dropout) or in [0, 2^31), got {seed}")
-    if not layers or len(layers) % INTS_PER_LAYER:
-        raise ValueError(f"layers must hold 7 ints per layer, got {len(layers)}")
-    p, prev, expected_shapes, table = x.shape[1], 0, [], []
-    for index in range(len(layers) // INTS_PER_LAYER):
-        a, w, g, kind, norm, act, bits = layers[index * INTS_PER_LAYER:(index + 1) * INTS_PER_LAYER]
-        if min(a, w, g) <= 0 or a % g or w % g or norm not in (0, 1) or act not in range(4) \
-                or kind not in range(5) or (index == 0 and kind not in (0, 4)) \
-                or (index > 0 and kind == 4) or (kind == 4 and g != 1) \
-                or (index == 1 and table[0][3] == 4 and kind != 0) \
-                or not 0.0 <= dropout_from_bits(bits) < 1.0:
-            raise ValueError(f"layers: layer {index} is invalid: {(a, w, g, kind, norm, act)}")
-        if kind == 4 and not allow_in_proj:
-            raise ValueError("layers: layer 0 is an in-proj (input_kind 4), which this "
-                             "implementation does not run")
-        expected_in = {0: p, 1: p + prev, 2: p + prev, 3: prev, 4: p}[kind]
-        if a != expected_in or (kind == 1 and (p % g or prev % g)):
-            raise ValueError(f"layers: layer {index}: in_features {a} does not match its input "
-                             f"({expected_in})")
-        expected_shapes += [(g, a // g, w // g), (g, w // g)] + [(w // g,)] * (2 * norm)
-        table.append((a, w, g, kind, norm, act))
-        prev = w
-        if kind == 4:
-            p = w  # later layers read the in-proj's output as x
-    if len(params) != len(expected_shapes):
-        raise ValueError(f"params must hold {len(expected_shapes)} tensors for these layers, "
-                         f"got {len(params)}")
-    for index, (param, shape) in enumerate(zip(params, expected_shapes)):
-        if tuple(param.shape) != shape:
-            raise ValueError(f"params[{index}] must have shape {list(shape)}, got {list(param.shape)}")
-        if param.dtype != x.dtype:
-            raise ValueError(f"params[{index}] has dtype {param.dtype} but x has {x.dtype}")
-        if param.device != x.device:
-            raise ValueError(f"params[{index}] is on {param.device} but x is on {x.device}")
-    return table
-
-
-def _rows(x, ids):
-    return x.shape[0] if ids is None else ids.shape[0]
-
-
 def _register_fakes() -> None:
+    """The C++ ops' fakes: contract.check_encoded_inputs (the Python side of checks.h; the CUDA
+    ops refuse an in-proj) and the contract's output shapes."""
+    def checked(x, ids, params, layers, dropout, seed):
+        return contract.check_encoded_inputs(x, ids, params, layers, dropout, seed,
+                                             allow_in_proj=x.device.type != "cuda")
+
     @torch.library.register_fake(f"{EXT_NAME}::hgt_forward")
     def _forward_fake(x, ids, params, layers, shuffle, dropout, scale, seed):
-        table = check_cpp_args(x, ids, params, layers, dropout, seed)
-        return x.new_empty(_rows(x, ids), table[-1][1])
+        return contract.forward_outputs(x, ids, checked(x, ids, params, layers, dropout, seed))
 
     @torch.library.register_fake(f"{EXT_NAME}::hgt_backward")
     def _backward_fake(grad_y, x, ids, params, layers, shuffle, dropout, scale, seed):
-        table = check_cpp_args(x, ids, params, layers, dropout, seed)
-        expected = (_rows(x, ids), table[-1][1])
-        if tuple(grad_y.shape) != expected or grad_y.dtype != x.dtype:
-            raise ValueError(f"grad_y must have shape {list(expected)} and dtype {x.dtype}, got "
-                             f"{list(grad_y.shape)} {grad_y.dtype}")
-        return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
+        contract.check_grad_y(grad_y, x, ids, checked(x, ids, params, layers, dropout, seed))
+        return contract.backward_outputs(x, ids, params)
 
     @torch.library.register_fake(f"{EXT_NAME}::hgt_forward_saving")
     def _forward_saving_fake(x, ids, params, layers, shuffle, dropout, scale, seed):
-        table = check_cpp_args(x, ids, params, layers, dropout, seed)
-        rows = _rows(x, ids)
-        return x.new_empty(rows, table[-1][1]), [x.new_empty(rows, w) for w in _saved_widths(table)]
+        plan = checked(x, ids, params, layers, dropout, seed)
+        return contract.forward_outputs(x, ids, plan, saving=True)
 
     @torch.library.register_fake(f"{EXT_NAME}::hgt_backward_saved")
     def _backward_saved_fake(grad_y, x, ids, params, saved, layers, shuffle, dropout, scale, seed):
-        table = check_cpp_args(x, ids, params, layers, dropout, seed)
-        rows = _rows(x, ids)
-        expected = [(rows, w) for w in _saved_widths(table)]
-        if [tuple(s.shape) for s in saved] != expected:
-            raise ValueError(f"saved must hold tensors of shapes {expected}, got "
-                             f"{[tuple(s.shape) for s in saved]}")
-        return x.new_empty(rows, x.shape[1]), [p.new_empty(p.shape) for p in params]
-
+        contract.check_saved(saved, x, ids, checked(x, ids, params, layers, dropout, seed))
+        return contract.backward_outputs(x, ids, params)
 
     @torch.library.register_fake(f"{EXT_NAME}::table_grad")
     def _table_grad_fake(grad_rows, ids, num_rows):
@@ -362,15 +269,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{EXT_NAME}::table_grad_into")
     def _table_grad_into_fake(table, grad_rows, ids):
         return None
-
-
-def _saved_widths(table) -> List[int]:
-    """Widths of the save policy's tensors [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]:
-    out_features of every layer, and in_features of every layer but the first."""
-    widths = []
-    for index, (a, w, *_rest) in enumerate(table):
-        widths += ([a] if index else []) + [w]
-    return widths
 
 
 # ----------------------------------------------------------------------------- backends

@@ -10,7 +10,7 @@ demoted for the process on a mismatch (first_use_check.py).
 
 Activation policies: "recompute" (backward reruns the forward from the inputs; every backend)
 and "save" (the forward also returns the activations the backward needs, `forward_saving` /
-`backward_saved`, in the layout of reference.saved_shapes). A backend lists the policies it
+`backward_saved`, in the layout of contract.Plan.saved_shapes). A backend lists the policies it
 supports in `activation_policies`; asking one for another is a reason it cannot run.
 
 `auto` order: priority, except that where `python -m bench.cpu_goals --write-ranking` recorded a

@@ -31,7 +31,7 @@ from typing import List, Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ..checks import check_op_inputs
+from .. import contract
 from ..config import HGTConfig
 from . import first_use_check, triton_launch
 from .registry import BackendUnavailableError, OpInputs, select
@@ -108,7 +108,7 @@ def hgt_triton(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *
                ids: Optional[torch.Tensor] = None, scale: float = 1.0,
                seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ops.hgt on the triton backend, traceable into the caller's graph (see the module docstring)."""
-    check_op_inputs(x, ids, list(params), config)
+    contract.check_inputs(x, ids, list(params), contract.plan(config))
     if ids is not None and ids.numel():
         # the public op's IndexError check needs a host sync; in a graph: an async device assert
         torch._assert_async(((ids >= 0) & (ids < x.shape[0])).all(),
