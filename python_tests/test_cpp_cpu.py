@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from define_kernels import contract, ops, reference
-from define_kernels.backends import cpp_ext
+from define_kernels import contract, functional, reference
+from define_kernels.backends import cpp_build, cpp_ext
 from define_kernels.config import HGTConfig
 from tolerances import assert_close, assert_low_precision_close
 
@@ -103,7 +103,7 @@ def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name, monkeypat
 def fused_bias_gemm_expected():
     """Where csrc/cpu/hgt_layers.cpp's fused_bias_gemm runs: AVX-512 BW/VL/DQ in the build's
     flags, and a torch with oneDNN's linear op."""
-    return ({"-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(cpp_ext.cpu_isa_flags())
+    return ({"-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(cpp_build.cpu_isa_flags())
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -219,8 +219,8 @@ def test_dropout_mask_bit_exact_through_public_op():
     params = make_params(config, torch.float32)
     for x, ids in (inputs(config, 200, torch.float32), inputs(config, 200, torch.float32, False)):
         seed = torch.tensor(987654321)
-        y = ops.hgt(x, params, config, ids=ids, seed=seed, backend="cpu_cpp")
-        y_ref = ops.hgt(x, params, config, ids=ids, seed=seed, backend="torch")
+        y = functional.hgt(x, params, config, ids=ids, seed=seed, backend="cpu_cpp")
+        y_ref = functional.hgt(x, params, config, ids=ids, seed=seed, backend="torch")
         assert torch.equal(y == 0, y_ref == 0)
         assert_close(y, y_ref, name="y with dropout")
         assert (y == 0).float().mean() > 0.3  # the mask really drops (relu alone would not)
@@ -234,7 +234,7 @@ def test_gradcheck_fp64_public_op():
     seed = torch.tensor(42)
 
     def run(x, *params):
-        return ops.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend="cpu_cpp")
+        return functional.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend="cpu_cpp")
 
     assert torch.autograd.gradcheck(run, (x, *params))
 
@@ -246,7 +246,7 @@ def test_fp32_gradients_public_op():
     x.requires_grad_()
     grads = {}
     for backend in ("cpu_cpp", "torch"):
-        y = ops.hgt(x, params, config, ids=ids, backend=backend)
+        y = functional.hgt(x, params, config, ids=ids, backend=backend)
         grads[backend] = torch.autograd.grad((y * y).sum(), [x, *params])
     for index, (got, want) in enumerate(zip(grads["cpu_cpp"], grads["torch"])):
         assert_close(got, want, name=f"grad {index}")

@@ -6,7 +6,7 @@ The authors' layout against their independent formulation: test_delight.py.
 import pytest
 import torch
 
-from define_kernels import HGT, DeFINE, HGTConfig, backends, checkpoint, codes, contract, ops
+from define_kernels import DeFINE, HGT, HGTConfig, backends, checkpoint, codes, contract, functional
 from define_kernels.backends import cpp_ext
 
 from conftest import usable_backend
@@ -47,7 +47,7 @@ def _run(backend, config, x, ids, params, dtype, seed, activations="auto"):
     x = x.to(dtype).requires_grad_(True)
     params = [p.to(dtype).requires_grad_(True) for p in params]
     seed_tensor = None if seed is None else torch.tensor(seed)
-    y = ops.hgt(x, params, config, ids=ids, scale=1.3, seed=seed_tensor, backend=backend,
+    y = functional.hgt(x, params, config, ids=ids, scale=1.3, seed=seed_tensor, backend=backend,
                 activations=activations)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return y.detach(), torch.autograd.grad(y, [x] + params, grad_y.to(dtype))
@@ -197,7 +197,7 @@ def test_op_input_width_is_the_map_width():
     config = HGTConfig(**CONFIGS[0][1])
     _, _, params = _inputs(config, True)
     with pytest.raises(ValueError, match="in_proj_from"):
-        ops.hgt(torch.randn(4, config.in_dim, dtype=torch.float64), params, config)
+        functional.hgt(torch.randn(4, config.in_dim, dtype=torch.float64), params, config)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu_cpp"])

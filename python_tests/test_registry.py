@@ -27,7 +27,7 @@ def fake_backend(name, priority, calls, devices=("cpu",), reasons=()):
     def forward(*args):
         calls.append(name)
         return reference.hgt_forward(*args)
-    return backends.Backend(name, priority, devices, (torch.float32,), forward, reference.hgt_backward,
+    return backends.Backend(name, priority, devices, (torch.float32,), forward, backends._REGISTRY["torch"].backward,
                             input_reasons=lambda inputs: list(reasons))
 
 
@@ -70,7 +70,7 @@ def test_set_backend_and_env_choose_the_default(registry, monkeypatch):
 
 def test_globally_unavailable_backend_is_listed_with_reason(registry):
     backends.register_backend(backends.Backend(
-        "missing", 5, ("cpu",), (torch.float32,), reference.hgt_forward, reference.hgt_backward,
+        "missing", 5, ("cpu",), (torch.float32,), reference.hgt_forward, backends._REGISTRY["torch"].backward,
         unavailable_reason=lambda: "library not installed"))
     assert "missing" not in define_kernels.available_backends()
     assert ("missing", "library not installed") in backends.backend_status()

@@ -5,7 +5,7 @@ fails, see expectations.py). tools/mutate.py plants each of these bugs and check
 import pytest
 import torch
 
-from define_kernels import DeFINE, HGTConfig, backends, ops, reference
+from define_kernels import DeFINE, HGTConfig, backends, functional, reference
 
 from conftest import usable_backend
 from plain_dropout_hash import draw24
@@ -202,8 +202,8 @@ def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
     dtype = torch.float64 if backend in ("torch", "cpu_cpp") else torch.float32
     usable_backend(backend, backends.OpInputs(x.to(dtype), ids, [], config, 1.0, seed))
     seed_tensor = torch.tensor(seed)
-    y = ops.hgt(x.to(dtype), [q.to(dtype) for q in params], config, ids=ids, seed=seed_tensor, backend=backend)
-    y_ref = ops.hgt(x, params, config, ids=ids, seed=seed_tensor, backend="torch")
+    y = functional.hgt(x.to(dtype), [q.to(dtype) for q in params], config, ids=ids, seed=seed_tensor, backend=backend)
+    y_ref = functional.hgt(x, params, config, ids=ids, seed=seed_tensor, backend="torch")
     assert y_ref[row, feature] != 0
     assert y[row, feature] != 0, f"{backend} drops the feature whose draw equals the threshold"
     assert_close(y.double(), y_ref, dtype, name="y at the dropout boundary")
@@ -214,7 +214,7 @@ def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
                          ids=["plain", "in-proj"])
 def test_dedup_is_exact_with_dropout_and_sparse_gradients(options):
     """Found with sparse=True on the unfused path (the op got gathered rows, masks keyed by row):
-    the fused op now gathers itself and returns the sparse table gradient (ops.hgt(sparse_grad=True))."""
+    the fused op now gathers itself and returns the sparse table gradient (functional.hgt(sparse_grad=True))."""
     models = [randomize_transform(small_define("torch", dedup=dedup, sparse=True, dropout=0.3, **options))
               for dedup in (True, False)]
     models[1].load_state_dict(models[0].state_dict())

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from define_kernels import DeFINE, backends, ops, reference
+from define_kernels import DeFINE, backends, functional, reference
 from define_kernels.backends import triton_hgt, triton_launch, triton_layout
 from define_kernels.config import HGTConfig
 
@@ -60,7 +60,7 @@ def _run(backend, config, x, ids, params, dtype, scale, seed=None, grad_y=None):
     params = [p.to(DEVICE, dtype).requires_grad_(True) for p in params]
     ids = None if ids is None else ids.to(DEVICE)
     seed_tensor = None if seed is None else torch.tensor(seed, dtype=torch.int64)
-    y = ops.hgt(x, params, config, ids=ids, scale=scale, seed=seed_tensor, backend=backend)
+    y = functional.hgt(x, params, config, ids=ids, scale=scale, seed=seed_tensor, backend=backend)
     if grad_y is None:
         return y.detach(), None
     grads = torch.autograd.grad(y, [x] + params, grad_y.to(DEVICE, dtype))
@@ -224,8 +224,8 @@ def test_interpreter_refuses_bf16_with_reason():
     x = torch.randn(4, config.in_dim, dtype=torch.bfloat16)
     params = [torch.randn(s, dtype=torch.bfloat16) for s in config.param_shapes()]
     with pytest.raises(backends.BackendUnavailableError, match="no bfloat16"):
-        ops.hgt(x, params, config, backend="triton")
-    assert ops.hgt(x, params, config).dtype == torch.bfloat16  # auto runs the reference
+        functional.hgt(x, params, config, backend="triton")
+    assert functional.hgt(x, params, config).dtype == torch.bfloat16  # auto runs the reference
 
 
 def _compile_sm90(kernel, pointers, scalars, constexprs, mma="mma", **options):

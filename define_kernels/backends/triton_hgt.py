@@ -15,7 +15,6 @@ from typing import List, Optional
 
 import torch
 
-from ..config import HGTConfig
 from . import triton_library
 from .registry import Backend, OpInputs, register_backend
 from .triton_launch import interpreting
