@@ -94,10 +94,10 @@ def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name, monkeypatch):
+def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name):
     """bf16's one-group layers on the path of hosts without oneDNN's fused-bias GEMM."""
-    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
-    check_every_gradient(CONFIGS[name], torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check_every_gradient(CONFIGS[name], torch.bfloat16)
 
 
 def fused_bias_gemm_expected():
@@ -107,7 +107,7 @@ def fused_bias_gemm_expected():
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available(monkeypatch):
+def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available():
     config = CONFIGS["define"]  # groups 4, 2, 1 and the one-group reduce layer
     x, ids = inputs(config, 33, torch.bfloat16)
     params = make_params(config, torch.bfloat16)
@@ -122,8 +122,8 @@ def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available(monkeypat
     assert one_group == 2
     assert fused_calls() == (2 * one_group if fused_bias_gemm_expected() else 0)
     assert fused_calls(torch.float32) == 0  # fp32 adds the bias in the epilogue
-    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
-    assert fused_calls() == 0
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert fused_calls() == 0
 
 
 def check_every_gradient(config, dtype):

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import env
 from . import cuda_toolkit
 
 EXT_NAME = "define_kernels_C"
@@ -40,7 +41,7 @@ def _log_build(message: str, *args) -> None:
 
 def csrc_dir() -> Path:
     """The installed package's csrc/ (package data), else the repository's (editable install)."""
-    override = os.environ.get(ENV_CSRC)
+    override = env.value(ENV_CSRC)
     if override:
         return Path(override)
     package_dir = Path(__file__).resolve().parents[1]

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
-from .. import contract
+from .. import contract, env
 from .cpp_build import ENV_VERBOSE, EXT_NAME, jit_build
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def _build_error_summary(text: str, limit: int = 1500) -> str:
 def _load() -> LoadState:
     if _namespace_defined():
         return LoadState("preloaded", None)
-    library = os.environ.get(ENV_LIB)
+    library = env.value(ENV_LIB)
     if library:
         try:
             torch.ops.load_library(library)
@@ -80,10 +79,10 @@ def _load() -> LoadState:
         pass
     except ImportError as error:  # built, but for another torch: say so, then try the JIT build
         logger.info("prebuilt define_kernels._C does not load (%s); trying the JIT build", error)
-    if os.environ.get(ENV_NO_JIT, "0") not in ("", "0"):
+    if env.flag(ENV_NO_JIT):
         return LoadState(None, f"JIT build disabled by {ENV_NO_JIT}=1 and no prebuilt library")
     try:
-        path = jit_build(verbose=os.environ.get(ENV_VERBOSE, "0") not in ("", "0"))
+        path = jit_build(verbose=env.flag(ENV_VERBOSE))
     except Exception as error:  # noqa: BLE001 - compiler, ninja or loader errors alike
         return _failed(f"JIT build failed: {type(error).__name__}: {_build_error_summary(str(error))}")
     return LoadState(f"jit:{path}", None)

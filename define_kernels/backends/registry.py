@@ -13,9 +13,10 @@ and "save" (the forward also returns the activations the backward needs, `forwar
 `backward_saved`, in the layout of contract.Plan.saved_shapes). A backend lists the policies it
 supports in `activation_policies`; asking one for another is a reason it cannot run.
 
-`auto` order: priority, except that where `python -m bench.cpu_goals --write-ranking` recorded a
-measured ranking for the inputs' device and dtype (backends/measured_ranking.json), the measured
-backends take their places in measured order, fastest first (unmeasured backends keep theirs).
+`auto` order: priority, except where the library's tuning table (backends/measured_ranking.json,
+a file the package owns and ships, regenerated with `make bench-cpu-goals`) ranks backends for
+the inputs' device and dtype: the ranked backends then take their places in measured order,
+fastest first (unranked backends keep theirs).
 
 Built-in backends register themselves when `define_kernels.backends` imports them; importing
 one must be cheap (heavy imports such as triton or a JIT build happen on first use).
@@ -26,12 +27,12 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from .. import env
 from ..config import HGTConfig
 from . import first_use_check
 
@@ -130,7 +131,7 @@ def get_backend() -> str:
     """The process-wide choice: set_backend(), else $DEFINE_KERNELS_BACKEND (read once), else auto."""
     global _default_backend
     if _default_backend is None:
-        _default_backend = check_backend_name(os.environ.get(ENV_BACKEND, AUTO), ENV_BACKEND)
+        _default_backend = check_backend_name(env.value(ENV_BACKEND, AUTO), ENV_BACKEND)
     return _default_backend
 
 

@@ -52,17 +52,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 
+from .. import env
 from ..config import HGTConfig
-from .triton_layout import _dropout_args, _packed, layer_dropout_args, stack_layout
+from .triton_layout import _dropout_args, layer_dropout_args, packed_params, stack_layout
 
 
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1): pinned tiles, no autotune."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return env.flag("TRITON_INTERPRET")
 
 
 # ------------------------------------------------------------------------------- tile configs
@@ -155,7 +155,7 @@ def _pack(params, wrap) -> torch.Tensor:
     plain cat while traced (fake tensors have no address or version to key a cache on)."""
     from torch._subclasses.fake_tensor import is_fake
     if not any(is_fake(p) for p in params) and not torch.compiler.is_compiling():
-        return _packed.get(params)
+        return packed_params.get(params)
     return torch.cat([p.reshape(-1) for p in params])
 
 

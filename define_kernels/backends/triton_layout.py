@@ -5,6 +5,7 @@ offline compile checks. See triton_hgt.py for the design.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -13,7 +14,6 @@ import torch
 from .. import contract
 from ..codes import InputKind
 from ..config import HGTConfig
-from ..inference_cache import parameters_fingerprint
 from ..reference import _MASK32, _fmix32
 
 
@@ -83,26 +83,31 @@ def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
                         dtype=torch.int64, device=device)
 
 
-class _PackedParams:
-    """One flat copy of the parameter list, rebuilt only when a parameter changed.
+class PackedParams:
+    """Flat copies of parameter lists, one per list (keyed by the tensors' addresses and shapes,
+    so two modules do not evict each other), each rebuilt only when one of its parameters
+    changed (version counter: an in-place update). An entry holds the tensors it was built from,
+    so an address cannot be reused meanwhile; at most `slots` lists are kept, least recently
+    used dropped first."""
 
-    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
-    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
-    """
-
-    def __init__(self):
-        self._sources, self._fingerprint, self._flat = None, None, None
+    def __init__(self, slots: int = 4):
+        self.slots = slots
+        self._entries: "collections.OrderedDict" = collections.OrderedDict()
 
     def get(self, params) -> torch.Tensor:
-        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
-        if self._flat is None or fingerprint != self._fingerprint:
-            self._flat = None  # free the stale copy first
-            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self._sources, self._fingerprint = list(params), fingerprint
-        return self._flat
+        key = tuple((p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in params)
+        versions = tuple(p._version for p in params)
+        entry = self._entries.pop(key, None)
+        if entry is None or entry[0] != versions:
+            entry = None  # free the stale copy first
+            entry = (versions, list(params), torch.cat([p.detach().reshape(-1) for p in params]))
+        self._entries[key] = entry
+        while len(self._entries) > self.slots:
+            self._entries.popitem(last=False)
+        return entry[2]
 
 
-_packed = _PackedParams()
+packed_params = PackedParams()
 
 
 def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:
