@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from define_kernels import contract, functional, reference
+from define_kernels import backends, contract, functional, reference
 from define_kernels.backends import cpp_build, cpp_ext
 from define_kernels.config import HGTConfig
-from tolerances import assert_close, assert_low_precision_close
+from conftest import usable_backend
+from tolerances import assert_close, assert_close_scaled, assert_low_precision_close
 
 
 
@@ -367,3 +368,31 @@ def test_bad_grad_y():
                    torch.randn(9, config.out_dim)):
         with pytest.raises(ValueError, match="grad_y"):
             torch.ops.define_kernels_C.hgt_backward(grad_y, *args)
+
+
+# ------------------------------------------------------------------------------ C++ row blocks
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 129, 300, 1100], ids=lambda r: f"rows{r}")
+def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
+    """The CPU epilogue works on blocks of 32 rows (csrc/cpu/hgt_epilogue.h) and adds the
+    per-block bias/norm partials in block order: 1 row = one partial block, 129 = 4 full blocks
+    and one row, 300 and 1100 = partial last blocks split unevenly over 2 or 3 threads."""
+    config = HGTConfig(16, 40, 12, 3, 4, align=4)
+    inputs = backends.OpInputs(torch.zeros(1, 16), None, [], config, 1.0, None)
+    usable_backend("cpu_cpp", inputs)
+    generator = torch.Generator().manual_seed(rows)
+    params = [torch.randn(s, generator=generator) * 0.4 for s in config.param_shapes()]
+    x = torch.randn(37, 16, generator=generator)
+    ids = torch.randint(0, 37, (rows,), generator=generator)
+    grad_y = torch.randn(rows, 12, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_rows, grad_params = cpp_ext.backward(grad_y, x, ids, params, config, 0.9, None)
+    finally:
+        torch.set_num_threads(previous)
+    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y.double(), x.double(), ids,
+                                                            [p.double() for p in params], config, 0.9)
+    assert_close_scaled(grad_rows, grad_rows_ref, torch.float32, name="grad_rows")
+    for index, (got, want) in enumerate(zip(grad_params, grad_params_ref)):
+        assert_close_scaled(got, want, torch.float32, name=f"grad_params[{index}] ({threads} threads)")
