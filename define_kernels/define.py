@@ -247,8 +247,8 @@ class DeFINE(nn.Module):
             # Fused path: the op gathers and scales the map rows itself (and runs the in-proj);
             # with sparse, it returns the table's gradient as a sparse tensor over those rows.
             y = functional.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
-                        seed=seed, backend=self.backend, activations=self.hgt.activations,
-                        sparse_grad=self.sparse)
+                               seed=seed, backend=self.backend, activations=self.hgt.activations,
+                               sparse_grad=self.sparse)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
@@ -261,7 +261,7 @@ class DeFINE(nn.Module):
             keep = reference.map_dropout_keep_mask(map_seed, ids, self.map_dim, self.map_dropout)
             x = x * keep.to(x.dtype) / (1.0 - self.map_dropout)
             y = functional.hgt(x, params, self.config, seed=seed, backend=self.backend,
-                        activations=self.hgt.activations)
+                               activations=self.hgt.activations)
         return self._zero_padding_output(ids, y)
 
     def _zero_padding_output(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -284,7 +284,7 @@ class DeFINE(nn.Module):
         mask = torch.empty(mask_shape, device=e.device, dtype=e.dtype).bernoulli_(keep) / keep
         rows = (e * mask).reshape(-1, self.map_dim)
         y = functional.hgt(rows, self.op_params(), self.config, seed=self.hgt.dropout_seed(),
-                    backend=self.backend, activations=self.hgt.activations)
+                           backend=self.backend, activations=self.hgt.activations)
         return self._zero_padding_output(ids.reshape(-1), y)
 
     # ------------------------------------------------------------------------------ authors' layout

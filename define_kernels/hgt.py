@@ -110,7 +110,7 @@ class HGT(nn.Module):
         check_last_dim(x, self.config.in_dim, "x")
         rows = x.reshape(-1, self.config.in_dim)
         y = functional.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend,
-                    activations=self.activations)
+                           activations=self.activations)
         return y.reshape(*x.shape[:-1], self.config.out_dim)
 
     def extra_repr(self) -> str:
