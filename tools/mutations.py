@@ -18,7 +18,7 @@ class Mutation(NamedTuple):
 MODULE_TESTS = ("python_tests/test_define.py", "python_tests/test_module.py")
 BOUNDARY = ("python_tests/test_reference.py", "-k", "threshold")
 CACHE_TESTS = ("python_tests/test_define.py", "python_tests/test_inference_cache.py")
-CPP_BLOCKS = ("python_tests/test_cpp_cpu.py", "-k", "thread")
+CPP_BLOCKS = ("python_tests/test_cpp_ext.py", "-k", "thread")
 DELIGHT_TESTS = ("python_tests/test_delight.py",)
 
 MUTATIONS = [
@@ -98,7 +98,7 @@ MUTATIONS = [
              ".reshape(rows, layer.out_features)", DELIGHT_TESTS),
     Mutation("C++ backward reads the input buffer saved one layer earlier", "csrc/cpu/hgt_cpu.cpp",
              "l > 0 ? saved[2 * l - 1].to(in.compute)", "l > 1 ? saved[2 * l - 3].to(in.compute)",
-             ("python_tests/test_activation_policy.py", "-k", "cpu_cpp")),
+             ("python_tests/test_functional.py", "-k", "cpu_cpp")),
     Mutation("first-use check does not demote a failing backend", "define_kernels/backends/first_use_check.py",
              "    if failure is None:\n        _passed.add(key)", "    if True:\n        _passed.add(key)",
              ("python_tests/test_first_use_check.py",)),

@@ -1,5 +1,6 @@
-"""Activation policies ("recompute" / "save") through the public op and the modules, on every
-backend that runs here; autocast (CPU) against an fp32 run; opcheck of the saving ops."""
+"""define_kernels/functional.py and autocast.py: the activation policies ("recompute" / "save")
+through the public op and the modules, on every backend that runs here; autocast (CPU) against
+an fp32 run; opcheck of the saving ops."""
 import pytest
 import torch
 

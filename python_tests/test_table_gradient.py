@@ -1,5 +1,5 @@
-"""The map table's gradient without a table-sized zero fill (csrc/cpu/table_grad.cpp): equal to
-zeros + index_add for every dtype, repeated ids and empty batches; bad inputs named; the path the
+"""define_kernels/table_gradient.py: the map table's gradient without a table-sized zero fill
+(csrc/cpu/table_grad.cpp): equal to zeros + index_add for every dtype, repeated ids and empty batches; bad inputs named; the path the
 autograd rules take on CPU, and the one `PlainStack` (bench) leaves out."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
+"""define_kernels/backends/cpp_ext.py: the C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
 argument errors, determinism. The build is shared by the whole session (cached on disk) and must
 succeed: a failed build fails here, unless DEFINE_KERNELS_NO_JIT=1 asked for no build."""
 import re
