@@ -9,7 +9,7 @@ from .config import HGTConfig, LayerSpec
 from .define import DeFINE
 from .hgt import HGT
 from .lm_head import LMHeadLoss, lm_head_loss
-from .ops import hgt
+from .functional import hgt
 
 __version__ = "0.1.0"
 

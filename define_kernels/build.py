@@ -22,20 +22,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
-    from .backends import cpp_ext, cuda_toolkit  # after the environment is set
+    from .backends import cpp_build, cpp_library, cuda_toolkit  # after the environment is set
 
-    print(f"sources: {cpp_ext.csrc_dir()}")
+    print(f"sources: {cpp_build.csrc_dir()}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"CUDA toolkit: {cuda_toolkit.describe()}")
-    reason = cpp_ext.cuda_build_reason()
-    print(f"CUDA sources: {reason or 'compiled for TORCH_CUDA_ARCH_LIST=' + cpp_ext.cuda_arch_list()}")
-    state = cpp_ext.load_library()
+    reason = cpp_build.cuda_build_reason()
+    print(f"CUDA sources: {reason or 'compiled for TORCH_CUDA_ARCH_LIST=' + cpp_build.cuda_arch_list()}")
+    state = cpp_library.load_library()
     if state.reason:
         print(f"define_kernels_C unavailable: {state.reason}", file=sys.stderr)
         return 1
     source = state.source
     print(f"define_kernels_C loaded from {source[4:] if source.startswith('jit:') else source}")
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"{cpp_ext.EXT_NAME}::hgt_forward", "CUDA")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"{cpp_build.EXT_NAME}::hgt_forward", "CUDA")
     print(f"CUDA kernels registered: {has_cuda}")
     if args.require_cuda and not has_cuda:
         print(f"--require-cuda: the library has no CUDA kernels ({reason or 'built without them'})",

@@ -1,16 +1,11 @@
-"""Argument checks shared by the public op, its fake, and the modules.
+"""Argument checks shared by the op's contract (contract.py), the modules and the relatives.
 
-Metadata checks (`check_op_inputs`) run before any kernel and under FakeTensor tracing; value
-checks (`check_ids_in_range`) read the ids and so run only on real tensors.
+Metadata checks run before any kernel and under FakeTensor tracing; value checks
+(`check_ids_in_range`) read the ids and so run only on real tensors.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
-
 import torch
-
-if TYPE_CHECKING:  # config.py imports this module
-    from .config import HGTConfig
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -58,29 +53,3 @@ def check_ids_in_range(ids: torch.Tensor, num_embeddings: int, argument: str = "
         bad = low if low < 0 else high
         raise IndexError(f"{argument} contains {bad}, outside [0, {num_embeddings}) "
                          f"(num_embeddings={num_embeddings})")
-
-
-def check_op_inputs(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[torch.Tensor],
-                    config: HGTConfig) -> None:
-    """ValueError naming the argument for anything the op cannot take."""
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be a floating tensor ({FLOAT_DTYPES}), got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [rows, in_dim], got shape {tuple(x.shape)}")
-    if x.shape[1] != config.input_width:
-        width = "in_proj_from" if config.has_in_proj else "in_dim"
-        raise ValueError(f"x has last dim {x.shape[1]} but the config's {width} is {config.input_width}")
-    if ids is not None:
-        check_ids_dtype(ids)
-        if ids.dim() != 1:
-            raise ValueError(f"ids must be 1-D for the op, got shape {tuple(ids.shape)}")
-        check_same_device(ids, "ids", x.device)
-    expected = config.param_shapes()
-    if len(params) != len(expected):
-        raise ValueError(f"params must hold {len(expected)} tensors for this config, got {len(params)}")
-    for index, (param, shape) in enumerate(zip(params, expected)):
-        if tuple(param.shape) != shape:
-            raise ValueError(f"params[{index}] must have shape {shape}, got {tuple(param.shape)}")
-        if param.dtype != x.dtype:
-            raise ValueError(f"params[{index}] has dtype {param.dtype} but x has {x.dtype}")
-        check_same_device(param, f"params[{index}]", x.device)

@@ -12,21 +12,18 @@ import math
 from fractions import Fraction
 from typing import NamedTuple, Optional
 
+from . import contract
 from .checks import check_positive_int
+from .codes import Activation, InputKind
 
 TRANSFORMS = ("define", "define_nomix", "hgt", "glt", "linear")
 GROUP_RULES = ("halve", "cycle")
 WIDTH_ROUNDINGS = ("exact", "truncate")
 NORMS = ("layernorm", None)
-ACTS = ("gelu", "relu", "silu", None)
+ACTS = tuple(act.label for act in Activation if act) + (None,)
 
-# How layer l > 1 sees the stack input x and the previous output h (docs/math.md §2).
-INPUT_X = "x"            # first layer: u = x
-INPUT_MIX = "mix"        # split-and-mix: chunk j of x, then chunk j of h, per group j
-INPUT_CONCAT = "concat"  # plain concatenation [x, h] (define_nomix)
-INPUT_PREV = "prev"      # no skip: u = h
-INPUT_PROJ = "proj"      # the in-proj (layer 0 only): reads the op's input e [*, n]; its output
-                         # replaces x for every later layer (docs/math.md §1)
+# How a layer sees the stack input x and the previous output h: the labels of codes.InputKind.
+INPUT_X, INPUT_MIX, INPUT_CONCAT, INPUT_PREV, INPUT_PROJ = (kind.label for kind in InputKind)
 
 LN_EPS = 1e-5
 
@@ -236,20 +233,11 @@ class HGTConfig:
         return self.dropout > 0 or self.in_proj_dropout > 0
 
     def param_shapes(self) -> tuple:
-        """Shapes of the flat parameter list every op takes, in order.
-
-        Per layer: weight [g, a/g, w/g], bias [g, w/g], then (with norm) norm weight and bias [w/g].
-        """
-        shapes = []
-        for index, layer in enumerate(self.layers):
-            g, a, w = layer.groups, layer.in_features, layer.out_features
-            shapes += [(g, a // g, w // g), (g, w // g)]
-            if self.layer_has_norm(index):
-                shapes += [(w // g,), (w // g,)]
-        return tuple(shapes)
+        """Shapes of the flat parameter list every op takes, in order (contract.LayerPlan)."""
+        return contract.plan(self).param_shapes
 
     def params_per_layer(self, index: int) -> int:
-        return 4 if self.layer_has_norm(index) else 2
+        return contract.plan(self).layers[index].num_params
 
     # ----------------------------------------------------------------------------- counts
     @property

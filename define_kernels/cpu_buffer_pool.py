@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from .backends import cpp_ext
+from .backends import cpp_library
 
 
 def set_limit(bytes: int) -> None:
     """Largest total of free buffers kept (0: no pooling, and the free buffers are released).
     Loads (and on first use builds) the C++ library; raises RuntimeError when it is unavailable."""
-    if cpp_ext.load_library().reason is not None:
-        raise RuntimeError(f"the C++ library is unavailable: {cpp_ext.unavailable_reason()}")
+    if cpp_library.load_library().reason is not None:
+        raise RuntimeError(f"the C++ library is unavailable: {cpp_library.unavailable_reason()}")
     torch.ops.define_kernels_C.buffer_pool_set_limit(int(bytes))
 
 
 def clear() -> None:
     """Releases every free buffer; tensors still in use keep theirs. A no-op without the library."""
-    if cpp_ext.loaded():
+    if cpp_library.loaded():
         torch.ops.define_kernels_C.buffer_pool_clear()
 
 
 def held_bytes() -> int:
     """Bytes the pool holds, free and in use (0 without the library)."""
-    return int(torch.ops.define_kernels_C.buffer_pool_bytes()) if cpp_ext.loaded() else 0
+    return int(torch.ops.define_kernels_C.buffer_pool_bytes()) if cpp_library.loaded() else 0

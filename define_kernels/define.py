@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, ops, pretrained, reference
+from . import checkpoint, delight_layout, functional, pretrained, reference, table_gradient
 from .checks import (check_ids_dtype, check_ids_in_range, check_known_options, check_positive_int,
                      check_same_device)
 from .config import LN_EPS, HGTConfig
@@ -62,7 +62,7 @@ class DeFINE(nn.Module):
         one saved with other options raises ValueError naming them, and zeroes the padding row.
         sparse: the map table's gradient is a sparse tensor over the batch's rows (as
             nn.Embedding(sparse=True); use torch.optim.SparseAdam for map_weight), returned by
-            the fused op (ops.hgt(sparse_grad=True)).
+            the fused op (functional.hgt(sparse_grad=True)).
         backend: 'auto' (process default, see set_backend) or a registry name.
         in_proj_dropout: dropout after the in-proj's activation (training only), hashed like
             the stack's (seed, layer 0, token id, feature).
@@ -78,7 +78,7 @@ class DeFINE(nn.Module):
         zero_padding_output: False keeps the stack's output at padding_idx (the authors' code).
         DeFINE.delight(...) builds the authors' layout, DeFINE.from_delight(state_dict) imports
             one of their checkpoints (define_kernels/delight.py).
-        activations: 'recompute', 'save' or 'auto' (per device), see ops.hgt.
+        activations: 'recompute', 'save' or 'auto' (per device), see functional.hgt.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, map_dim: int = 128,
@@ -224,7 +224,7 @@ class DeFINE(nn.Module):
             y = self.cache.lookup(flat, self._parameter_list(), self.num_embeddings, self._embed)
         elif self.dedup and flat.numel() > 0 and flat.device.type != "meta":
             unique, inverse = torch.unique(flat, return_inverse=True)  # range checked in _embed / the op
-            y = ops.gather_rows(self._embed(unique), inverse)  # backward: ops._rows_to_table
+            y = table_gradient.gather_rows(self._embed(unique), inverse)  # backward: rows_to_table
         else:
             y = self._embed(flat)
         return y.reshape(*ids.shape, self.embedding_dim)
@@ -246,9 +246,9 @@ class DeFINE(nn.Module):
         if not (self.training and self.map_dropout > 0):
             # Fused path: the op gathers and scales the map rows itself (and runs the in-proj);
             # with sparse, it returns the table's gradient as a sparse tensor over those rows.
-            y = ops.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
-                        seed=seed, backend=self.backend, activations=self.hgt.activations,
-                        sparse_grad=self.sparse)
+            y = functional.hgt(self.map_weight, params, self.config, ids=ids, scale=self.scale,
+                               seed=seed, backend=self.backend, activations=self.hgt.activations,
+                               sparse_grad=self.sparse)
         else:
             if not _is_compiling():
                 check_ids_in_range(ids, self.num_embeddings)
@@ -260,8 +260,8 @@ class DeFINE(nn.Module):
             map_seed = seed if seed is not None else draw_seed()
             keep = reference.map_dropout_keep_mask(map_seed, ids, self.map_dim, self.map_dropout)
             x = x * keep.to(x.dtype) / (1.0 - self.map_dropout)
-            y = ops.hgt(x, params, self.config, seed=seed, backend=self.backend,
-                        activations=self.hgt.activations)
+            y = functional.hgt(x, params, self.config, seed=seed, backend=self.backend,
+                               activations=self.hgt.activations)
         return self._zero_padding_output(ids, y)
 
     def _zero_padding_output(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -283,22 +283,20 @@ class DeFINE(nn.Module):
         mask_shape = (*ids.shape[:-1], 1, self.map_dim) if ids.dim() else (self.map_dim,)
         mask = torch.empty(mask_shape, device=e.device, dtype=e.dtype).bernoulli_(keep) / keep
         rows = (e * mask).reshape(-1, self.map_dim)
-        y = ops.hgt(rows, self.op_params(), self.config, seed=self.hgt.dropout_seed(),
-                    backend=self.backend, activations=self.hgt.activations)
+        y = functional.hgt(rows, self.op_params(), self.config, seed=self.hgt.dropout_seed(),
+                           backend=self.backend, activations=self.hgt.activations)
         return self._zero_padding_output(ids.reshape(-1), y)
 
     # ------------------------------------------------------------------------------ authors' layout
     @classmethod
     def delight(cls, num_embeddings: int, embedding_dim: int, **options) -> "DeFINE":
-        """The authors' DeFINE layout (define_kernels/delight.py, `delight_define`)."""
-        from .delight import delight_define  # lazy: delight.py imports this module
-        return delight_define(num_embeddings, embedding_dim, **options)
+        """The authors' DeFINE layout (define_kernels/delight_layout.py, `delight_define`)."""
+        return delight_layout.delight_define(cls, num_embeddings, embedding_dim, **options)
 
     @classmethod
     def from_delight(cls, state_dict: dict, prefix: str = "", **options) -> "DeFINE":
-        """A DeFINE holding one of the authors' DExTraEmb state dicts (`delight.from_delight`)."""
-        from .delight import from_delight
-        return from_delight(state_dict, prefix, **options)
+        """A DeFINE holding one of the authors' DExTraEmb state dicts (`delight_layout.from_delight`)."""
+        return delight_layout.from_delight(cls, state_dict, prefix, **options)
 
     # ------------------------------------------------------------------------------ counting
     def parameter_counts(self) -> dict:

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import functional
 from .backends import check_activation_policy, check_backend_name
 from .checks import check_last_dim
 from .config import HGTConfig, LayerSpec
@@ -76,7 +76,7 @@ class HGT(nn.Module):
     belong to the owner (DeFINE's in_proj / in_proj_norm), which prepends them to `op_params()`;
     forward() over such a config raises. `init` is "spec"
     or "xavier_3d" (the authors' init, see INITS); `activations` is "recompute", "save" or "auto"
-    (per device, see ops.hgt); `device` / `dtype` are factory kwargs, as for nn.Linear.
+    (per device, see functional.hgt); `device` / `dtype` are factory kwargs, as for nn.Linear.
     """
 
     def __init__(self, config: HGTConfig, backend: str = "auto", init: str = "spec",
@@ -106,11 +106,11 @@ class HGT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.has_in_proj:
             raise ValueError("config has an in-proj (in_proj_from): its parameters live in the "
-                             "owner (DeFINE); call ops.hgt with them before op_params()")
+                             "owner (DeFINE); call functional.hgt with them before op_params()")
         check_last_dim(x, self.config.in_dim, "x")
         rows = x.reshape(-1, self.config.in_dim)
-        y = ops.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend,
-                    activations=self.activations)
+        y = functional.hgt(rows, self.op_params(), self.config, seed=self.dropout_seed(), backend=self.backend,
+                           activations=self.activations)
         return y.reshape(*x.shape[:-1], self.config.out_dim)
 
     def extra_repr(self) -> str:

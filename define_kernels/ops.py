@@ -16,31 +16,19 @@ nn.Embedding(sparse=True) gives (for torch.optim.SparseAdam). `config` is `HGTCo
 gradient per gathered row; the autograd rule scatters it into the table, so the op never
 allocates a table-sized buffer itself.
 
-Activation policy (`hgt(..., activations=)`): "recompute" runs hgt_forward, whose backward
-reruns the forward from the inputs (nothing but the inputs is kept: least memory); "save" runs
-hgt_forward_saving, which also returns the activations its backward needs
-(reference.saved_shapes: two [T, width] tensors per layer), so backward does no forward GEMM;
-"auto" is backends.DEFAULT_POLICY for the device. Without autograd, both run hgt_forward.
-
-Autocast (CPU and CUDA): under torch.autocast the forward ops compute in the autocast dtype from
-the given (fp32) tensors and return that dtype; gradients reach the fp32 tensors in fp32 through
-the casts. With ids and no dropout only the gathered rows are cast, not the table.
-
-The ops are opaque to torch.compile (fullgraph-safe); `register_fake` gives their shapes. Where
-the triton backend would run, `hgt` under torch.compile calls its triton_ops instead, so the graph
-holds the Triton kernels (backends/triton_library.py).
+The schemas and their fakes (shapes from contract.py) only: the autograd rule is autograd.py, the
+autocast rule autocast.py, the functional entry `hgt` (activation policy, the Triton route under
+torch.compile) functional.py, and the table-gradient policy table_gradient.py. The ops are opaque
+to torch.compile (fullgraph-safe).
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import backends, reference, table_grad_cache
-from .backends import cpp_ext
-from .checks import check_ids_in_range, check_op_inputs
+from . import backends, contract
+from .checks import check_ids_in_range
 from .config import HGTConfig
 
 
@@ -50,7 +38,7 @@ def _seed_value(seed: Optional[torch.Tensor]) -> Optional[int]:
 
 def _prepare(x, ids, params, config, scale, seed, backend, policy=backends.RECOMPUTE):
     cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
+    contract.check_inputs(x, ids, params, contract.plan(cfg))
     if ids is not None:
         check_ids_in_range(ids, x.shape[0])
     inputs = backends.OpInputs(x, ids, params, cfg, scale, _seed_value(seed))
@@ -97,98 +85,21 @@ def _unaliased(outputs: List[torch.Tensor], inputs: List[torch.Tensor]) -> List[
     return fresh
 
 
-def _rows(x, ids):
-    return x.shape[0] if ids is None else ids.shape[0]
+def _checked_plan(x, ids, params, config: str) -> contract.Plan:
+    plan = contract.plan(HGTConfig.from_key(config))
+    contract.check_inputs(x, ids, params, plan)
+    return plan
 
 
 @hgt_forward.register_fake
 def _hgt_forward_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    return x.new_empty(_rows(x, ids), cfg.out_dim)
+    return contract.forward_outputs(x, ids, _checked_plan(x, ids, params, config))
 
 
 @hgt_backward.register_fake
 def _hgt_backward_fake(grad_y, x, ids, params, config, scale, seed, backend):
-    check_op_inputs(x, ids, params, HGTConfig.from_key(config))
-    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
-
-
-def _setup_context(ctx, inputs, output):
-    x, ids, params, config, scale, seed, backend, *sparse_grad = inputs
-    ctx.save_for_backward(x, ids, seed, *params)
-    ctx.config, ctx.scale, ctx.backend = config, scale, backend
-    _keep_sparse_grad(ctx, inputs, sparse_grad)
-
-
-def _keep_sparse_grad(ctx, inputs, sparse_grad):
-    ctx.sparse_grad = bool(sparse_grad and sparse_grad[0])
-
-
-def _grads_per_input(ctx, grad_table, grad_params):
-    # One entry per input as autograd recorded them: it leaves out sparse_grad when it has its
-    # default value, and needs_input_grad has that structure.
-    return (grad_table, None, list(grad_params)) + (None,) * (len(ctx.needs_input_grad) - 3)
-
-
-def _backward(ctx, grad_y):
-    x, ids, seed, *params = ctx.saved_tensors
-    grad_rows, grad_params = hgt_backward(grad_y, x, ids, params, ctx.config, ctx.scale, seed,
-                                          ctx.backend)
-    return _grads_per_input(ctx, _table_grad(x, ids, grad_rows, ctx.sparse_grad), grad_params)
-
-
-def _table_grad(x, ids, grad_rows, sparse_grad=False):
-    if ids is None:
-        return grad_rows
-    if sparse_grad:  # one row per gathered id, uncoalesced, as nn.Embedding(sparse=True)
-        return torch.sparse_coo_tensor(ids.unsqueeze(0).to(torch.int64), grad_rows.to(x.dtype),
-                                       x.shape, check_invariants=False)
-    # rows -> table: summed per id, dense like nn.Embedding's default gradient
-    if x.is_contiguous():
-        return _rows_to_table(x.shape[0], ids, grad_rows.to(x.dtype), table=x)
-    return torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
-
-
-def _rows_to_table(num_rows, ids, grad_rows, table=None):
-    """zeros [num_rows, width] + grad_rows at ids; on CPU without writing the whole table when
-    the C++ library is loaded: into the buffer of an earlier backward when `table` is a leaf
-    parameter (table_grad_cache), else into a fresh one (cpp_ext.table_grad)."""
-    grad = table_grad_cache.dense_grad(table, ids, grad_rows)
-    if grad is None:
-        grad = cpp_ext.table_grad(num_rows, ids, grad_rows)
-    if grad is not None:
-        return grad
-    return grad_rows.new_zeros(num_rows, grad_rows.shape[1]).index_add_(0, ids, grad_rows)
-
-
-class _GatherRows(torch.autograd.Function):
-    """x[ids] (x 2-D, ids 1-D) whose backward is _rows_to_table: x's dense gradient without a
-    fill of x's size, and several times faster on CPU than index_select's index_add."""
-
-    @staticmethod
-    def forward(x, ids):
-        return x.index_select(0, ids)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, ids = inputs
-        ctx.save_for_backward(ids)
-        ctx.num_rows, ctx.dtype = x.shape[0], x.dtype
-        ctx.table = weakref.ref(x)  # the key of its reused gradient buffer, not kept alive
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (ids,) = ctx.saved_tensors
-        return _rows_to_table(ctx.num_rows, ids, grad_rows.to(ctx.dtype), table=ctx.table()), None
-
-
-def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x[ids] for a 2-D x and 1-D ids, differentiable in x (see _GatherRows)."""
-    return _GatherRows.apply(x, ids)
-
-
-hgt_forward.register_autograd(_backward, setup_context=_setup_context)
+    _checked_plan(x, ids, params, config)
+    return contract.backward_outputs(x, ids, params)
 
 
 # ----------------------------------------------------------------------------- "save" policy
@@ -215,111 +126,12 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     return grad_rows, _contiguous(list(grad_params))
 
 
-def _check_saved(saved, x, ids, cfg):
-    expected = reference.saved_shapes(cfg, _rows(x, ids))
-    if [tuple(t.shape) for t in saved] != expected:
-        raise ValueError(f"saved must hold tensors of shapes {expected}, got {[tuple(t.shape) for t in saved]}")
-
-
 @hgt_forward_saving.register_fake
 def _hgt_forward_saving_fake(x, ids, params, config, scale, seed, backend, sparse_grad=False):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    rows = _rows(x, ids)
-    return x.new_empty(rows, cfg.out_dim), [x.new_empty(shape) for shape in reference.saved_shapes(cfg, rows)]
+    return contract.forward_outputs(x, ids, _checked_plan(x, ids, params, config), saving=True)
 
 
 @hgt_backward_saved.register_fake
 def _hgt_backward_saved_fake(grad_y, x, ids, params, saved, config, scale, seed, backend):
-    cfg = HGTConfig.from_key(config)
-    check_op_inputs(x, ids, params, cfg)
-    _check_saved(saved, x, ids, cfg)
-    return x.new_empty(_rows(x, ids), x.shape[1]), [p.new_empty(p.shape) for p in params]
-
-
-def _setup_context_saving(ctx, inputs, output):
-    x, ids, params, config, scale, seed, backend, *sparse_grad = inputs
-    _, saved = output
-    ctx.mark_non_differentiable(*saved)
-    # The saved activations never get a gradient: without this autograd would fill a zero
-    # tensor per saved activation on every backward (two [T, width] buffers per layer).
-    ctx.set_materialize_grads(False)
-    ctx.num_params = len(params)
-    ctx.save_for_backward(x, ids, seed, *params, *saved)
-    ctx.config, ctx.scale, ctx.backend = config, scale, backend
-    _keep_sparse_grad(ctx, inputs, sparse_grad)
-
-
-def _backward_saving(ctx, grad_y, _grad_saved):
-    x, ids, seed, *rest = ctx.saved_tensors
-    if grad_y is None:  # y itself reached the loss through nothing differentiable
-        return _grads_per_input(ctx, None, [None] * ctx.num_params)
-    params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
-    grad_rows, grad_params = hgt_backward_saved(grad_y, x, ids, params, saved, ctx.config,
-                                                ctx.scale, seed, ctx.backend)
-    return _grads_per_input(ctx, _table_grad(x, ids, grad_rows, ctx.sparse_grad), grad_params)
-
-
-hgt_forward_saving.register_autograd(_backward_saving, setup_context=_setup_context_saving)
-
-
-# ----------------------------------------------------------------------------- autocast
-def _autocast_inputs(device_type, x, ids, params, seed, sparse_grad=False):
-    """The op's inputs cast to the current autocast dtype (as torch.library.register_autocast
-    casts, but following the autocast region's dtype instead of one fixed at registration)."""
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def eligible(t):
-        return t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
-
-    if not eligible(x):
-        return x, ids, params
-    if ids is not None and seed is None and x.dtype != dtype:
-        # Gather first so only the batch's rows are cast; with dropout the row keys must stay
-        # the token ids, so the table is cast whole instead.
-        x, ids = (F.embedding(ids, x, sparse=True) if sparse_grad else gather_rows(x, ids)), None
-    return x.to(dtype), ids, [p.to(dtype) if eligible(p) else p for p in params]
-
-
-def _register_autocast(op, device_type):
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, x, ids, params, config, scale, seed, backend, sparse_grad=False):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            cast_x, cast_ids, params = _autocast_inputs(device_type, x, ids, params, seed, sparse_grad)
-            # gathered before the op (cast_ids None): the sparse gradient comes from F.embedding
-            return op._opoverload(cast_x, cast_ids, params, config, scale, seed, backend,
-                                  sparse_grad and cast_ids is not None)
-
-    op._lib.impl(op._name, kernel, key, with_keyset=True)
-
-
-for _op in (hgt_forward, hgt_forward_saving):
-    for _device_type in ("cpu", "cuda"):
-        _register_autocast(_op, _device_type)
-
-
-def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
-        ids: Optional[torch.Tensor] = None, scale: float = 1.0,
-        seed: Optional[torch.Tensor] = None, backend: str = "auto",
-        activations: str = "auto", sparse_grad: bool = False) -> torch.Tensor:
-    """Functional form of the op taking an HGTConfig; see the module docstring."""
-    if sparse_grad and ids is None:
-        raise ValueError("sparse_grad needs ids (a table gathered by the op)")
-    policy = backends.resolve_activation_policy(backends.check_activation_policy(activations),
-                                                x.device, x.dtype, backend)
-    params = list(params)
-    if policy == backends.RECOMPUTE and torch.compiler.is_compiling():
-        # the triton backend as triton_ops, so Inductor sees its kernels (backends/triton_library.py)
-        from .backends import triton_library
-        if triton_library.traced_route(x, ids, config, seed, backend):
-            return triton_library.hgt_triton(x, params, config, ids=ids, scale=scale, seed=seed)
-    if policy == backends.SAVE and torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params)):
-        return hgt_forward_saving(x, ids, params, config.key, float(scale), seed, backend,
-                                  bool(sparse_grad))[0]
-    return hgt_forward(x, ids, params, config.key, float(scale), seed, backend, bool(sparse_grad))
-
-
-from .seed import draw_seed  # noqa: E402,F401  (kept here for callers of ops.draw_seed)
+    contract.check_saved(saved, x, ids, _checked_plan(x, ids, params, config))
+    return contract.backward_outputs(x, ids, params)

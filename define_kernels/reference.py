@@ -10,12 +10,13 @@ regenerated in backward instead of stored, and backends can be compared with dro
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import contract
+from .codes import InputKind
 from .config import INPUT_CONCAT, INPUT_MIX, INPUT_PREV, INPUT_PROJ, INPUT_X, LN_EPS, HGTConfig
 
 _MASK32 = 0xFFFFFFFF
@@ -109,13 +110,8 @@ def activation(z: torch.Tensor, act: Optional[str]) -> torch.Tensor:
 
 def split_params(params: Sequence[torch.Tensor], config: HGTConfig) -> list:
     """The flat op parameter list as per-layer (weight, bias, norm_weight, norm_bias) tuples."""
-    layers, offset = [], 0
-    for index in range(len(config.layers)):
-        count = config.params_per_layer(index)
-        chunk = list(params[offset:offset + count]) + [None] * (4 - count)
-        layers.append(tuple(chunk))
-        offset += count
-    return layers
+    return [tuple(params[layer.param_offset:layer.param_offset + layer.num_params])
+            + (None,) * (4 - layer.num_params) for layer in contract.plan(config).layers]
 
 
 def input_rows(x: torch.Tensor, ids: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -125,21 +121,23 @@ def input_rows(x: torch.Tensor, ids: Optional[torch.Tensor], scale: float) -> to
 
 
 def hgt_stack(x: torch.Tensor, row_keys: torch.Tensor, params: Sequence[torch.Tensor],
-              config: HGTConfig, seed: Optional[int] = None) -> torch.Tensor:
-    """The L layers of docs/math.md §2 on stack input x [T, p]; row_keys [T] key the dropout masks."""
+              config: HGTConfig, seed: Optional[int] = None,
+              saved: Optional[list] = None) -> torch.Tensor:
+    """The L layers of docs/math.md §2 on stack input x [T, p]; row_keys [T] key the dropout masks.
+    When `saved` is a list, the save policy's activations are appended to it (contract.Plan.
+    saved_shapes: each layer's pre-norm output and, from layer 1 on, its input)."""
     rows = x.shape[0]
     h = None
-    for index, (layer, (weight, bias, norm_weight, norm_bias)) in enumerate(
-            zip(config.layers, split_params(params, config))):
-        u = layer_input(layer.input_kind, x, h, layer.groups)
+    for layer, (weight, bias, norm_weight, norm_bias) in zip(contract.plan(config).layers,
+                                                              split_params(params, config)):
+        u = layer_input(layer.kind.label, x, h, layer.groups)
         z = grouped_linear(u, weight, bias)
-        if config.shuffle:
-            z = feature_shuffle(z)
-        if norm_weight is not None:
-            z = F.layer_norm(z, norm_weight.shape, norm_weight, norm_bias, LN_EPS)
-        z = activation(z, config.layer_act(index)).reshape(rows, layer.out_features)
-        h = apply_dropout(z, index, config, row_keys, seed)
-        if layer.input_kind == INPUT_PROJ:
+        if saved is not None:
+            if layer.index:
+                saved.append(u)
+            saved.append((feature_shuffle(z) if config.shuffle else z).reshape(rows, layer.out_features))
+        h = _epilogue(z, layer.index, norm_weight, norm_bias, config, row_keys, seed)
+        if layer.kind == InputKind.PROJ:
             x = h  # the in-proj's output is the x of every later layer
     return h
 
@@ -168,34 +166,16 @@ def hgt_forward(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[t
     return hgt_stack(input_rows(x, ids, scale), row_keys_for(x, ids), params, config, seed)
 
 
-@contextlib.contextmanager
-def _autograd_inside_custom_op():
-    """Re-enable autograd where a custom op's implementation runs (below the Autograd key).
-
-    torch.func.vjp also works there, but trips opcheck's schema check; toggling the two TLS
-    exclusions for the duration of the recomputation is the smaller hack.
-    """
-    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
-    excluded = [torch._C._dispatch_tls_is_dispatch_key_excluded(key) for key in keys]
-    for key in keys:
-        torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for key, was_excluded in zip(keys, excluded):
-            torch._C._dispatch_tls_set_dispatch_key_excluded(key, was_excluded)
-
-
 def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tensor],
                  params: Sequence[torch.Tensor], config: HGTConfig, scale: float = 1.0,
                  seed: Optional[int] = None):
     """Gradients by autograd through the forward, recomputed from the inputs.
 
     Returns (grad_rows, grad_params); grad_rows [T, p] is per gathered row (ids given: the
-    caller scatters it into the table) or per row of x.
+    caller scatters it into the table) or per row of x. Needs autograd: where it runs inside a
+    custom op, the caller re-enables it (backends/torch_reference.py).
     """
-    with _autograd_inside_custom_op():
+    with torch.enable_grad():
         rows = input_rows(x.detach(), ids, 1.0).requires_grad_(True)
         leaves = [p.detach().requires_grad_(True) for p in params]
         stack_in = rows * scale if scale != 1.0 else rows
@@ -206,19 +186,8 @@ def hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torch.Tens
 
 
 # ----------------------------------------------------------------------------- "save" policy
-# The forward also returns what the backward needs, so backward reruns no GEMM:
-#   saved = [pre_0, u_1, pre_1, ..., u_{L-1}, pre_{L-1}]
-# pre_l [T, w_l]: layer l's grouped-linear output with bias, after the shuffle, before the norm;
-# u_l [T, a_l]: layer l's input (layer_input), for l >= 1 (layer 0's input is the stack input).
-# Every backend supporting "save" uses this layout, so the ops' fakes need no backend.
-
-def saved_shapes(config: HGTConfig, rows: int) -> list:
-    shapes = []
-    for index, layer in enumerate(config.layers):
-        if index:
-            shapes.append((rows, layer.in_features))
-        shapes.append((rows, layer.out_features))
-    return shapes
+# The forward also returns what the backward needs, so backward reruns no GEMM: the activations
+# of contract.Plan.saved_shapes (each layer's pre-norm output and, from layer 1 on, its input).
 
 
 def _unshuffle(pre: torch.Tensor, groups: int) -> torch.Tensor:
@@ -242,22 +211,10 @@ def _epilogue(z: torch.Tensor, index: int, norm_weight, norm_bias, config: HGTCo
 
 def hgt_forward_saving(x: torch.Tensor, ids: Optional[torch.Tensor], params: Sequence[torch.Tensor],
                        config: HGTConfig, scale: float = 1.0, seed: Optional[int] = None):
-    """(y, saved) with y as hgt_forward and saved as above."""
-    stack_in = input_rows(x, ids, scale)
-    keys = row_keys_for(x, ids)
-    saved, h = [], None
-    for index, (layer, (weight, bias, norm_weight, norm_bias)) in enumerate(
-            zip(config.layers, split_params(params, config))):
-        u = layer_input(layer.input_kind, stack_in, h, layer.groups)
-        z = grouped_linear(u, weight, bias)
-        pre = (feature_shuffle(z) if config.shuffle else z).reshape(u.shape[0], layer.out_features)
-        if index:
-            saved.append(u)
-        saved.append(pre)
-        h = _epilogue(z, index, norm_weight, norm_bias, config, keys, seed)
-        if layer.input_kind == INPUT_PROJ:
-            stack_in = h
-    return h, saved
+    """(y, saved): y is hgt_forward's, saved the activations of contract.Plan.saved_shapes."""
+    saved = []
+    y = hgt_stack(input_rows(x, ids, scale), row_keys_for(x, ids), params, config, seed, saved)
+    return y, saved
 
 
 def _split_input_grad(kind: str, grad_u: torch.Tensor, p: int, groups: int):
@@ -284,7 +241,7 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
     rows, p = stack_in.shape[0], config.in_dim
     layer_params = split_params(params, config)
     grad_params = [None] * len(params)
-    offsets = [sum(config.params_per_layer(i) for i in range(index)) for index in range(len(config.layers))]
+    offsets = [layer.param_offset for layer in contract.plan(config).layers]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # grad_x: of the x the layers read (the in-proj's output when there is one), then of the op's input
     grad_x = torch.zeros(rows, p, dtype=acc_dtype, device=x.device)
@@ -298,7 +255,7 @@ def hgt_backward_saved(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[torc
             grad_x = torch.zeros(rows, layer.in_features, dtype=acc_dtype, device=x.device)
         u = saved[2 * index - 1] if index else stack_in
         pre = saved[2 * index]
-        with _autograd_inside_custom_op():
+        with torch.enable_grad():
             z = _unshuffle(pre, g) if config.shuffle else pre.reshape(rows, g, layer.out_features // g)
             z = z.detach().requires_grad_(True)
             affine = [t.detach().requires_grad_(True) for t in (norm_weight, norm_bias) if t is not None]

@@ -1,7 +1,7 @@
 """Reuse of a table parameter's dense gradient buffer between backward passes (CPU).
 
 A map table's dense gradient is mostly zeros: a batch touches a few thousand of its rows. A fresh
-buffer costs a page fault for every page a row lands on (cpp_ext.table_grad allocates with calloc,
+buffer costs a page fault for every page a row lands on (cpp_library.table_grad allocates with calloc,
 so untouched pages are never written), and an optimizer that reads the whole gradient faults in
 every remaining page: at wt103-base, thousands of faults per step, where clearing and refilling a
 buffer that is already mapped touches only the batch's rows (README, CPU goals).
@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .backends import cpp_ext
+from .backends import cpp_library
 
 MAX_BUFFERS = 2
 
@@ -64,11 +64,11 @@ def dense_grad(table: Optional[torch.Tensor], ids: torch.Tensor,
         for buffer in kept:
             if buffer.tensor.shape == table.shape and buffer.reusable():
                 buffer.tensor.index_fill_(0, buffer.written, 0)
-                if not cpp_ext.table_grad_into(buffer.tensor, ids, grad_rows):
+                if not cpp_library.table_grad_into(buffer.tensor, ids, grad_rows):
                     return None
                 buffer.written, buffer.version = written, buffer.tensor._version
                 return buffer.tensor.detach()  # shares the version counter
-        fresh = cpp_ext.table_grad(table.shape[0], ids, grad_rows)
+        fresh = cpp_library.table_grad(table.shape[0], ids, grad_rows)
         if fresh is None:
             return None
         kept.append(_Buffer(fresh, written))

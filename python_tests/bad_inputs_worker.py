@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from define_kernels import DeFINE, HGTConfig, ops
+from define_kernels import DeFINE, HGTConfig, functional
 from define_kernels.backends import cpp_ext
 
 CONFIG = HGTConfig(8, 20, 5, 2, 2, align=2, dropout=0.25)
@@ -33,7 +33,7 @@ def op_call(backend, x, ids, params, seed=None, grad=False):
     def call():
         leaves = [x.requires_grad_(grad) if x.is_floating_point() else x] + \
                  [p.requires_grad_(grad) if p.is_floating_point() else p for p in params]
-        y = ops.hgt(leaves[0], leaves[1:], CONFIG, ids=ids, seed=seed, backend=backend)
+        y = functional.hgt(leaves[0], leaves[1:], CONFIG, ids=ids, seed=seed, backend=backend)
         if not grad:
             return y
         return [y, *torch.autograd.grad(y.sum(), leaves)]

@@ -81,9 +81,9 @@ def module_backend(request):
 def cpp_extension():
     """The C++ library, built or loaded once: a failed build fails the test, unless
     DEFINE_KERNELS_NO_JIT=1 asked for no build and CI does not expect cpu_cpp (then: skip)."""
-    from define_kernels.backends import cpp_ext
-    state = cpp_ext.load_library()
-    if state.reason and os.environ.get(cpp_ext.ENV_NO_JIT, "0") not in ("", "0") \
+    from define_kernels.backends import cpp_library
+    state = cpp_library.load_library()
+    if state.reason and os.environ.get(cpp_library.ENV_NO_JIT, "0") not in ("", "0") \
             and not expectations.is_expected("cpu_cpp"):
         pytest.skip(f"C++ extension not loaded: {state.reason}")
     assert state.reason is None, f"C++ extension failed to build/load: {state.reason}"

@@ -30,15 +30,15 @@ def cpp_library_origin_problem() -> Optional[str]:
     A prebuilt library (DEFINE_KERNELS_LIB, an importable define_kernels._C, another csrc via
     DEFINE_KERNELS_CSRC) would hide a broken csrc/ from every C++ test.
     """
-    from define_kernels.backends import cpp_ext
-    if os.environ.get(cpp_ext.ENV_LIB):
-        return f"{cpp_ext.ENV_LIB} is set: tests would use that library, not this checkout's csrc/"
+    from define_kernels.backends import cpp_build, cpp_library
+    if os.environ.get(cpp_library.ENV_LIB):
+        return f"{cpp_library.ENV_LIB} is set: tests would use that library, not this checkout's csrc/"
     if importlib.util.find_spec("define_kernels._C") is not None:
         return "define_kernels._C is importable (an ahead-of-time build) and would be loaded instead of csrc/"
-    csrc = cpp_ext.csrc_dir().resolve()
+    csrc = cpp_build.csrc_dir().resolve()
     if csrc != REPO / "csrc":
         return f"the JIT build compiles {csrc}, not this checkout's {REPO / 'csrc'}"
-    state = cpp_ext.load_library()
+    state = cpp_library.load_library()
     if state.reason is None and not (state.source or "").startswith("jit:"):
         return f"the C++ library was loaded from {state.source}, not built from {REPO / 'csrc'}"
     return None

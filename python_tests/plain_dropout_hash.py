@@ -1,6 +1,6 @@
 """The dropout hash of docs/math.md in plain Python integers, written from the doc, not from the
 library: the tests that check the library's masks bit for bit (test_reference) and that place a
-draw exactly on the keep threshold (test_survivors) both read it from here."""
+draw exactly on the keep threshold (test_reference.py) both read it from here."""
 
 
 def fmix32(h: int) -> int:

@@ -12,22 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from define_kernels.backends import cpp_ext
+from define_kernels.backends import cpp_build, cpp_ext, cpp_library
 
 import expectations
 
-NO_JIT = os.environ.get(cpp_ext.ENV_NO_JIT, "0") not in ("", "0")
+NO_JIT = os.environ.get(cpp_library.ENV_NO_JIT, "0") not in ("", "0")
 # An expected cpu_cpp (DEFINE_KERNELS_EXPECT) runs these anyway, and they fail under NO_JIT.
 needs_jit = pytest.mark.skipif(NO_JIT and not expectations.is_expected("cpu_cpp"),
-                               reason=f"{cpp_ext.ENV_NO_JIT}=1 disables the JIT build")
+                               reason=f"{cpp_library.ENV_NO_JIT}=1 disables the JIT build")
 
 # Runs the op once through the registry and checks it against the reference; prints the load state.
 RUN_ONCE = textwrap.dedent("""
     import warnings
     warnings.simplefilter("always")
     import torch
-    from define_kernels import backends, ops, reference
-    from define_kernels.backends import cpp_ext
+    from define_kernels import backends, functional, reference
+    from define_kernels.backends import cpp_library
     from define_kernels.config import HGTConfig
     config = HGTConfig(16, 40, 12, 3, 4, align=4, shuffle=True)
     params = [torch.randn(s, dtype=torch.float64) for s in config.param_shapes()]
@@ -37,10 +37,10 @@ RUN_ONCE = textwrap.dedent("""
     with warnings.catch_warnings(record=True) as caught:
         available = backends.available_backends()  # loads (or fails to build) the extension
         chosen = [backends.select("auto", inputs).name for _ in range(3)]
-        torch.testing.assert_close(ops.hgt(x, params, config, ids=ids), expected)
+        torch.testing.assert_close(functional.hgt(x, params, config, ids=ids), expected)
         if "cpu_cpp" in available:
-            torch.testing.assert_close(ops.hgt(x, params, config, ids=ids, backend="cpu_cpp"), expected)
-    print("STATE", cpp_ext.load_library())
+            torch.testing.assert_close(functional.hgt(x, params, config, ids=ids, backend="cpu_cpp"), expected)
+    print("STATE", cpp_library.load_library())
     print("CPP_AVAILABLE", "cpu_cpp" in available)
     print("CHOSEN", chosen)
     print("WARNINGS", len(caught))
@@ -50,7 +50,7 @@ RUN_ONCE = textwrap.dedent("""
 
 
 def run_python(code, env_updates, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != cpp_ext.ENV_LIB}
+    env = {k: v for k, v in os.environ.items() if k != cpp_library.ENV_LIB}
     env.update({"MAX_JOBS": "1", **env_updates})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -62,7 +62,7 @@ def assert_ok(result):
 
 @needs_jit
 def test_jit_build_loads_in_this_process():
-    state = cpp_ext.load_library()
+    state = cpp_library.load_library()
     assert state.reason is None, state.reason
     if state.source.startswith("jit:"):
         assert Path(state.source[4:]).is_file()
@@ -85,7 +85,7 @@ def test_require_cuda_fails_on_a_cpu_only_library():
     if __import__("torch").version.cuda:
         pytest.skip("a CUDA torch: the CUDA build check (.ci/cuda_build_check.sh) covers --require-cuda")
     result = run_python("import sys; from define_kernels.build import main; sys.exit(main(['--require-cuda']))",
-                        {cpp_ext.ENV_NO_JIT: "0"})
+                        {cpp_library.ENV_NO_JIT: "0"})
     assert result.returncode in (1, 2), result.stdout + result.stderr
     assert "torch was built without CUDA" in result.stdout
 
@@ -103,7 +103,7 @@ BLOCK_TRITON = textwrap.dedent("""
 
 
 def test_package_works_without_triton():
-    result = run_python(BLOCK_TRITON, {cpp_ext.ENV_NO_JIT: "1"})
+    result = run_python(BLOCK_TRITON, {cpp_library.ENV_NO_JIT: "1"})
     assert_ok(result)
     assert "OUT (3, 4, 8)" in result.stdout, result.stdout
     status = next(line for line in result.stdout.splitlines() if line.startswith("STATUS"))
@@ -112,12 +112,12 @@ def test_package_works_without_triton():
 
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     broken = tmp_path / "csrc"
-    shutil.copytree(cpp_ext.csrc_dir(), broken, ignore=shutil.ignore_patterns("cuda"))
+    shutil.copytree(cpp_build.csrc_dir(), broken, ignore=shutil.ignore_patterns("cuda"))
     for source in [broken / "define_ops.cpp", *(broken / "cpu").glob("*.cpp")]:
         source.write_text("#error broken on purpose by test_build\n" + source.read_text())
-    result = run_python(RUN_ONCE, {cpp_ext.ENV_CSRC: str(broken),
+    result = run_python(RUN_ONCE, {cpp_build.ENV_CSRC: str(broken),
                                    "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-                                   cpp_ext.ENV_NO_JIT: "0"})
+                                   cpp_library.ENV_NO_JIT: "0"})
     assert_ok(result)
     assert "WARNINGS 1" in result.stdout, result.stdout
     assert "JIT build failed" in result.stdout and "broken on purpose" in result.stdout, result.stdout
@@ -125,10 +125,10 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
 
 def test_no_jit_disables_the_build(tmp_path):
-    result = run_python(RUN_ONCE, {cpp_ext.ENV_NO_JIT: "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    result = run_python(RUN_ONCE, {cpp_library.ENV_NO_JIT: "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert_ok(result)
     assert "WARNINGS 0" in result.stdout, result.stdout
-    assert cpp_ext.ENV_NO_JIT in result.stdout and "CHOSEN ['torch', 'torch', 'torch']" in result.stdout
+    assert cpp_library.ENV_NO_JIT in result.stdout and "CHOSEN ['torch', 'torch', 'torch']" in result.stdout
     assert "CPP_AVAILABLE False" in result.stdout
     assert not (tmp_path / "ext").exists()
 
@@ -136,7 +136,7 @@ def test_no_jit_disables_the_build(tmp_path):
 @needs_jit
 def test_two_processes_build_into_one_fresh_cache(tmp_path):
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    full_env = {**{k: v for k, v in os.environ.items() if k != cpp_ext.ENV_LIB}, "MAX_JOBS": "1", **env}
+    full_env = {**{k: v for k, v in os.environ.items() if k != cpp_library.ENV_LIB}, "MAX_JOBS": "1", **env}
     processes = [subprocess.Popen([sys.executable, "-c", RUN_ONCE], env=full_env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     for process in processes:
@@ -168,14 +168,14 @@ def test_cmake_build_loads_with_load_library(tmp_path):
         import torch
         torch.ops.load_library({str(library)!r})
         from define_kernels import reference
-        from define_kernels.backends import cpp_ext
+        from define_kernels.backends import cpp_ext, cpp_library
         from define_kernels.config import HGTConfig
         config = HGTConfig(16, 40, 12, 3, 4, align=4, transform="define_nomix", act="silu")
         params = [torch.randn(s, dtype=torch.float64) for s in config.param_shapes()]
         x, ids = torch.randn(20, 16, dtype=torch.float64), torch.randint(0, 20, (33,))
         y = torch.ops.define_kernels_C.hgt_forward(x, ids, params, *cpp_ext.cpp_args(config, 1.0, None))
         torch.testing.assert_close(y, reference.hgt_forward(x, ids, params, config))
-        print("STATE", cpp_ext.load_library())
+        print("STATE", cpp_library.load_library())
     """)
     result = run_python(code, {})
     assert_ok(result)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from bench import resource_report
-from define_kernels.backends import cpp_ext, cuda_toolkit
+from define_kernels.backends import cpp_build, cuda_toolkit
 
-SOURCES = sorted((cpp_ext.csrc_dir() / "cuda").glob("*.cu"))
+SOURCES = sorted((cpp_build.csrc_dir() / "cuda").glob("*.cu"))
 ENV_REPORT = "DEFINE_RESOURCE_REPORT"
 
 
@@ -89,13 +89,13 @@ def test_cuda_home_wins_and_no_toolkit_says_where_it_looked(tmp_path, monkeypatc
 def test_arch_list_defaults_without_a_gpu(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cpp_ext.cuda_arch_list() == "9.0;8.0"
+    assert cpp_build.cuda_arch_list() == "9.0;8.0"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
-    assert cpp_ext.cuda_arch_list() == "8.6"
+    assert cpp_build.cuda_arch_list() == "8.6"
 
 
 def test_build_reason_on_this_torch():
-    reason = cpp_ext.cuda_build_reason()
+    reason = cpp_build.cuda_build_reason()
     if not torch.version.cuda:
         assert reason == "torch was built without CUDA"
     else:  # a CUDA torch: either a verified toolkit or a reason naming what is missing
@@ -117,7 +117,7 @@ def test_kernel_sources_exist():
 def test_nvcc_compiles_the_kernels(tmp_path, source):
     output = tmp_path / (source.stem + ".o")
     command = [_nvcc(), "-c", "-arch=sm_90", "-std=c++17", f"-I{source.parent}",
-               f"-I{cpp_ext.csrc_dir() / 'include'}", str(source), "-o", str(output)]
+               f"-I{cpp_build.csrc_dir() / 'include'}", str(source), "-o", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, " ".join(command) + "\n" + result.stdout + result.stderr[-6000:]
     assert output.stat().st_size > 0
@@ -174,7 +174,7 @@ def test_resource_rules_on_synthetic_rows():
 
 
 def test_l2_budget_is_the_cuda_kernels():
-    text = (cpp_ext.csrc_dir() / "cuda" / "hgt_device.cuh").read_text()
+    text = (cpp_build.csrc_dir() / "cuda" / "hgt_device.cuh").read_text()
     assert f"kL2BudgetFraction = {resource_report.L2_BUDGET_FRACTION};" in text
     assert resource_report.L2_BUDGET_BYTES == int(0.75 * 50 * 2**20)
 

@@ -106,7 +106,8 @@ def test_catalogue_is_large_enough():
 
 def test_bad_env_backend_names_the_variable(monkeypatch):
     from define_kernels import backends
-    monkeypatch.setattr(backends, "_default_backend", None)
+    from define_kernels.backends import registry
+    monkeypatch.setattr(registry, "_default_backend", None)
     monkeypatch.setenv(backends.ENV_BACKEND, "bogus")
     with pytest.raises(ValueError, match="DEFINE_KERNELS_BACKEND must be 'auto' or one of"):
         backends.get_backend()

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from define_kernels import backends, ops, reference
+from define_kernels import backends, functional, reference
 from define_kernels.backends import first_use_check
 from define_kernels.config import HGTConfig
 
@@ -68,23 +68,23 @@ def test_fault_demotes_backend_auto_falls_back(monkeypatch, fault, expected):
     _install(monkeypatch, **fault)
     x, ids, params = _inputs()
     with pytest.warns(RuntimeWarning, match=r"backend 'triton' failed its first-use check") as record:
-        y = ops.hgt(x, params, CONFIG, ids=ids, backend="auto")
+        y = functional.hgt(x, params, CONFIG, ids=ids, backend="auto")
     assert len(record) == 1 and expected in str(record[0].message)
     # the next backend in auto order ran (cpu_cpp where measured first, else the reference)
     assert_close(y, reference.hgt_forward(x, ids, params, CONFIG), name="fallback output")
     assert expected in first_use_check.demotion_reason("triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning per process, not one per call
-        ops.hgt(x, params, CONFIG, ids=ids, backend="auto")
+        functional.hgt(x, params, CONFIG, ids=ids, backend="auto")
         with pytest.raises(backends.BackendUnavailableError, match="demoted by the first-use check"):
-            ops.hgt(x, params, CONFIG, ids=ids, backend="triton")
+            functional.hgt(x, params, CONFIG, ids=ids, backend="triton")
 
 
 def test_demotion_covers_other_configs_and_dtypes(monkeypatch):
     _install(monkeypatch, forward=_wrong_forward)
     x, ids, params = _inputs()
     with pytest.warns(RuntimeWarning):
-        ops.hgt(x, params, CONFIG, ids=ids)
+        functional.hgt(x, params, CONFIG, ids=ids)
     other = HGTConfig(in_dim=12, expand_dim=24, out_dim=16, depth=2, max_groups=2, align=1)
     inputs = backends.OpInputs(x.half(), ids, [], other, 1.0, None)
     assert backends.select("auto", inputs).name == "torch"
@@ -94,7 +94,7 @@ def test_low_precision_fault_is_caught(monkeypatch):
     _install(monkeypatch, forward=lambda *a: reference.hgt_forward(*a) + 0.05)
     x, ids, params = _inputs(torch.float16)
     with pytest.warns(RuntimeWarning, match="float16"):
-        ops.hgt(x, params, CONFIG, ids=ids)
+        functional.hgt(x, params, CONFIG, ids=ids)
 
 
 def test_correct_backend_is_checked_once_and_kept(monkeypatch):
@@ -109,7 +109,7 @@ def test_correct_backend_is_checked_once_and_kept(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
-            ops.hgt(x, params, CONFIG, ids=ids)
+            functional.hgt(x, params, CONFIG, ids=ids)
     assert len(calls) == 3, "one probe forward, then one forward per call"
     assert first_use_check.demotion_reason("triton") is None
 
@@ -121,7 +121,7 @@ def test_dense_input_with_dropout_passes(monkeypatch):
     params = [torch.randn(shape) * 0.6 for shape in config.param_shapes()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ops.hgt(x, params, config, seed=torch.tensor(7))
+        functional.hgt(x, params, config, seed=torch.tensor(7))
     assert first_use_check.demotion_reason("triton") is None
 
 
@@ -131,7 +131,7 @@ def test_env_var_turns_the_check_off(monkeypatch):
     x, ids, params = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = ops.hgt(x, params, CONFIG, ids=ids)
+        y = functional.hgt(x, params, CONFIG, ids=ids)
     torch.testing.assert_close(y, _wrong_forward(x, ids, params, CONFIG, 1.0, None))
 
 
@@ -159,7 +159,7 @@ def test_first_call_under_inference_mode_passes(monkeypatch):
     x, ids, params = _inputs()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        ops.hgt(x, params, CONFIG, ids=ids)
+        functional.hgt(x, params, CONFIG, ids=ids)
     assert first_use_check.demotion_reason("triton") is None
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from define_kernels import ops, reference
+from define_kernels import functional, reference
 
 import fuzz_report
 from fuzz_strategies import (FUZZ_DTYPES, budget, hgt_configs, id_tensor, non_contiguous,
@@ -50,7 +50,7 @@ def run_op(case, backend, dtype, strided=False):
     if strided and ids is not None and ids.numel():
         ids = torch.stack([ids, ids], dim=1)[:, 0]  # a strided 1-D view
     seed = None if case["seed"] is None else torch.tensor(case["seed"], dtype=torch.int64)
-    y = ops.hgt(x, params, case["config"], ids=ids, scale=case["scale"], seed=seed, backend=backend)
+    y = functional.hgt(x, params, case["config"], ids=ids, scale=case["scale"], seed=seed, backend=backend)
     grads = torch.autograd.grad(y, [x] + params, case["grad_y"].to(dtype), allow_unused=True)
     return y.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, [x] + params)]
 

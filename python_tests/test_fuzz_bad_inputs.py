@@ -53,7 +53,8 @@ def test_bad_inputs_raise_documented_errors_in_a_subprocess(seed):
     result = subprocess.run([sys.executable, str(HERE / "bad_inputs_worker.py"),
                              json.dumps({"seed": seed, "backends": names})],
                             capture_output=True, text=True, timeout=600, cwd=HERE,
-                            env={**os.environ, "PYTHONPATH": str(HERE)})
+                            # this checkout's package, whatever an editable install points at
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])})
     assert result.returncode == 0, f"worker died (rc {result.returncode}): {result.stderr[-3000:]}"
     lines = result.stdout.splitlines()
     assert lines and lines[-1] == "DONE", f"worker stopped early: {result.stdout[-2000:]}"

@@ -73,7 +73,7 @@ def train_step(model, case):
 
 
 def dedup_is_exact(model) -> bool:
-    """Known gap (xfail-strict test in test_survivors.py): with map_dropout in training the op
+    """Known gap (xfail-strict test in test_define.py): with map_dropout in training the op
     runs on the dropped rows and keys its own dropout masks (in-proj included) by row, not id.
     Map dropout itself (hashed by token id), sparse and the in-proj are exact."""
     return not (model.map_dropout > 0 and model.config.has_dropout)

@@ -6,7 +6,7 @@ The authors' layout against their independent formulation: test_delight.py.
 import pytest
 import torch
 
-from define_kernels import HGT, DeFINE, HGTConfig, backends, checkpoint, ops
+from define_kernels import DeFINE, HGT, HGTConfig, backends, checkpoint, codes, contract, functional
 from define_kernels.backends import cpp_ext
 
 from conftest import usable_backend
@@ -47,7 +47,7 @@ def _run(backend, config, x, ids, params, dtype, seed, activations="auto"):
     x = x.to(dtype).requires_grad_(True)
     params = [p.to(dtype).requires_grad_(True) for p in params]
     seed_tensor = None if seed is None else torch.tensor(seed)
-    y = ops.hgt(x, params, config, ids=ids, scale=1.3, seed=seed_tensor, backend=backend,
+    y = functional.hgt(x, params, config, ids=ids, scale=1.3, seed=seed_tensor, backend=backend,
                 activations=activations)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return y.detach(), torch.autograd.grad(y, [x] + params, grad_y.to(dtype))
@@ -153,22 +153,22 @@ def test_cpp_ops_check_the_in_proj_encoding():
     config = HGTConfig(**CONFIGS[0][1])
     x, ids, params = _inputs(config, True)
     layers, shuffle, dropout, scale, seed = cpp_ext.cpp_args(config, 1.0, None)
-    per = cpp_ext.INTS_PER_LAYER
+    per = codes.INTS_PER_LAYER
     bad_kind = list(layers)
     bad_kind[per + 3] = 4          # layer 1 claims to be an in-proj
     bad_follow = list(layers)
     bad_follow[per + 3] = 1        # layer 1 after an in-proj must read x
     bad_dropout = list(layers)
-    bad_dropout[6] = cpp_ext.dropout_bits(1.5)
+    bad_dropout[6] = contract.dropout_bits(1.5)
     for bad in (bad_kind, bad_follow, bad_dropout):
         with pytest.raises(ValueError, match="layers"):
-            cpp_ext.check_cpp_args(x, ids, params, bad, dropout, seed)
+            contract.check_encoded_inputs(x, ids, params, bad, dropout, seed)
     if cpp_ext.unavailable_reason():
         pytest.skip(f"C++ library: {cpp_ext.unavailable_reason()}")
     for bad in (bad_kind, bad_follow, bad_dropout):
         with pytest.raises(ValueError, match="layers"):
             torch.ops.define_kernels_C.hgt_forward(x, ids, params, bad, shuffle, dropout, scale, seed)
-    assert cpp_ext.dropout_from_bits(cpp_ext.dropout_bits(0.1)) == 0.1
+    assert contract.dropout_from_bits(contract.dropout_bits(0.1)) == 0.1
 
 
 @pytest.mark.parametrize("options, argument", [
@@ -197,7 +197,7 @@ def test_op_input_width_is_the_map_width():
     config = HGTConfig(**CONFIGS[0][1])
     _, _, params = _inputs(config, True)
     with pytest.raises(ValueError, match="in_proj_from"):
-        ops.hgt(torch.randn(4, config.in_dim, dtype=torch.float64), params, config)
+        functional.hgt(torch.randn(4, config.in_dim, dtype=torch.float64), params, config)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu_cpp"])

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from define_kernels import reference
+from define_kernels.codes import InputKind
 from define_kernels.config import HGTConfig
 
 INCLUDE = Path(__file__).resolve().parent.parent / "csrc" / "include"
-KIND_CODES = {"x": 0, "mix": 1, "concat": 2, "prev": 3}
+KIND_CODES = {kind.label: int(kind) for kind in InputKind}
 
 SOURCE = r"""
 #include <define_kernels/hgt_index_math.h>

@@ -21,15 +21,15 @@ def _model(**options):
 def _masks(model, ids, monkeypatch):
     """The map-dropout mask each position got: the op's input rows over the undropped rows."""
     seen = []
-    real = define.ops.hgt
+    real = define.functional.hgt
 
     def recording(x, *args, **kwargs):
         seen.append(x.detach())
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(define.ops, "hgt", recording)
+    monkeypatch.setattr(define.functional, "hgt", recording)
     model(ids)
-    monkeypatch.setattr(define.ops, "hgt", real)
+    monkeypatch.setattr(define.functional, "hgt", real)
     rows = seen[-1].reshape(*ids.shape, N)
     undropped = model.map_weight.detach()[ids] * model.scale
     assert bool((undropped != 0).all())

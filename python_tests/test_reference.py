@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from define_kernels import HGT, DeFINE, HGTConfig, hgt, reference
+from define_kernels import HGT, DeFINE, HGTConfig, backends, functional, hgt, reference
+from conftest import usable_backend
 from plain_dropout_hash import draw24
 from tolerances import assert_close
 
@@ -178,3 +179,39 @@ def test_reference_runs_in_low_precision(dtype):
     assert y.dtype == dtype
     # Loose sanity bound only: this is the yardstick the backends' low-precision checks use.
     assert (y.double() - exact).abs().max() < {torch.float32: 1e-4, torch.float16: 0.1, torch.bfloat16: 0.5}[dtype]
+
+
+# ------------------------------------------------------------------------------ dropout boundary
+def boundary_case(config_options, row_key, feature, seed=12345):
+    """(config, p): p chosen from the hash so that the draw of (last layer, row_key, feature)
+    equals the keep threshold int(p * 2^24) exactly: kept under `draw >= threshold`, dropped
+    under `draw > threshold`."""
+    depth = config_options["depth"]
+    draw = draw24(seed, depth, row_key, feature)
+    p = draw / 2**24  # exact: draw < 2^24
+    assert reference.dropout_threshold(p) == draw
+    return HGTConfig(**config_options, dropout=p), p
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["ids", "dense"])
+def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
+    options = dict(in_dim=8, expand_dim=16, out_dim=6, depth=2, max_groups=2, act=None, align=2)
+    row_key, feature, seed = 5, 3, 12345
+    config, p = boundary_case(options, row_key, feature, seed)
+    generator = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.5 for s in config.param_shapes()]
+    if gather:
+        x, ids, row = torch.randn(9, 8, generator=generator, dtype=torch.float64), torch.tensor([2, row_key, 7]), 1
+    else:
+        x, ids, row = torch.randn(row_key + 2, 8, generator=generator, dtype=torch.float64), None, row_key
+    keys = reference.row_keys_for(x, ids)
+    assert bool(reference.dropout_keep_mask(seed, config.depth, keys, 6, p)[row, feature]), \
+        "reference: a draw equal to the threshold must be kept (keep when draw >= threshold)"
+    dtype = torch.float64 if backend in ("torch", "cpu_cpp") else torch.float32
+    usable_backend(backend, backends.OpInputs(x.to(dtype), ids, [], config, 1.0, seed))
+    seed_tensor = torch.tensor(seed)
+    y = functional.hgt(x.to(dtype), [q.to(dtype) for q in params], config, ids=ids, seed=seed_tensor, backend=backend)
+    y_ref = functional.hgt(x, params, config, ids=ids, seed=seed_tensor, backend="torch")
+    assert y_ref[row, feature] != 0
+    assert y[row, feature] != 0, f"{backend} drops the feature whose draw equals the threshold"
+    assert_close(y.double(), y_ref, dtype, name="y at the dropout boundary")

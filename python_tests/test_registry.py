@@ -7,6 +7,7 @@ import torch
 
 import define_kernels
 from define_kernels import HGTConfig, backends, hgt, reference
+from define_kernels.backends import registry as backend_registry
 
 CONFIG = HGTConfig(8, 16, 6, 2, 2)
 
@@ -14,17 +15,19 @@ CONFIG = HGTConfig(8, 16, 6, 2, 2)
 @pytest.fixture
 def registry(monkeypatch):
     """An isolated registry holding the real backends plus whatever the test registers."""
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    monkeypatch.setattr(backends, "_default_backend", None)
+    saved = dict(backend_registry._REGISTRY)
+    monkeypatch.setattr(backend_registry, "_default_backend", None)
     monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
-    return backends._REGISTRY
+    yield backend_registry._REGISTRY
+    backend_registry._REGISTRY.clear()
+    backend_registry._REGISTRY.update(saved)
 
 
 def fake_backend(name, priority, calls, devices=("cpu",), reasons=()):
     def forward(*args):
         calls.append(name)
         return reference.hgt_forward(*args)
-    return backends.Backend(name, priority, devices, (torch.float32,), forward, reference.hgt_backward,
+    return backends.Backend(name, priority, devices, (torch.float32,), forward, backends._REGISTRY["torch"].backward,
                             input_reasons=lambda inputs: list(reasons))
 
 
@@ -59,7 +62,7 @@ def test_set_backend_and_env_choose_the_default(registry, monkeypatch):
     run_op()
     define_kernels.set_backend("auto")
     run_op()
-    monkeypatch.setattr(backends, "_default_backend", None)
+    monkeypatch.setattr(backend_registry, "_default_backend", None)
     monkeypatch.setenv(backends.ENV_BACKEND, "second")
     run_op()
     assert calls == ["second", "first", "second"]
@@ -67,7 +70,7 @@ def test_set_backend_and_env_choose_the_default(registry, monkeypatch):
 
 def test_globally_unavailable_backend_is_listed_with_reason(registry):
     backends.register_backend(backends.Backend(
-        "missing", 5, ("cpu",), (torch.float32,), reference.hgt_forward, reference.hgt_backward,
+        "missing", 5, ("cpu",), (torch.float32,), reference.hgt_forward, backends._REGISTRY["torch"].backward,
         unavailable_reason=lambda: "library not installed"))
     assert "missing" not in define_kernels.available_backends()
     assert ("missing", "library not installed") in backends.backend_status()

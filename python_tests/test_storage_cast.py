@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from define_kernels.backends import cpp_ext
+from define_kernels.backends import cpp_build
 
 CPU_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 
@@ -46,7 +46,7 @@ def rounding_program(tmp_path_factory):
     source, program = folder / "round.cpp", folder / "round"
     source.write_text(SOURCE)
     include = Path(cpp_extension.include_paths()[0])
-    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-O3", "-fopenmp-simd", *cpp_ext.cpu_isa_flags(), f"-I{CPU_SOURCES}",
+    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-O3", "-fopenmp-simd", *cpp_build.cpu_isa_flags(), f"-I{CPU_SOURCES}",
                     "-isystem", str(include), str(source), "-o", str(program)], check=True)
     return program
 

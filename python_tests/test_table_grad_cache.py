@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from define_kernels import DeFINE, table_grad_cache
-from define_kernels.backends import cpp_ext
+from define_kernels.backends import cpp_library
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -174,7 +174,7 @@ def test_table_grad_into_adds(dtype):
     ids = torch.tensor([3, 3, 7]) if dtype == torch.float32 else torch.tensor([3, 9, 7])
     rows = torch.randn(3, 8).to(dtype)
     want = table.float().index_add_(0, ids, rows.float()).to(dtype)
-    assert cpp_ext.table_grad_into(table, ids, rows)
+    assert cpp_library.table_grad_into(table, ids, rows)
     torch.testing.assert_close(table, want, rtol=0, atol=0)
 
 

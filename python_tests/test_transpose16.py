@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from define_kernels.backends import cpp_ext
+from define_kernels.backends import cpp_build
 
 CPU_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 
@@ -43,7 +43,7 @@ def transpose_program(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"transpose16-{request.param}")
     source, program = folder / "transpose.cpp", folder / "transpose"
     source.write_text(SOURCE)
-    flags = cpp_ext.cpu_isa_flags() if request.param == "host-isa" else []
+    flags = cpp_build.cpu_isa_flags() if request.param == "host-isa" else []
     subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-O2", *flags, f"-I{CPU_SOURCES}",
                     str(source), "-o", str(program)], check=True)
     return program

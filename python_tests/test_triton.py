@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from define_kernels import DeFINE, backends, ops, reference
-from define_kernels.backends import triton_hgt
+from define_kernels import DeFINE, backends, functional, reference
+from define_kernels.backends import triton_hgt, triton_launch, triton_layout
 from define_kernels.config import HGTConfig
 
 from conftest import usable_backend
@@ -60,7 +60,7 @@ def _run(backend, config, x, ids, params, dtype, scale, seed=None, grad_y=None):
     params = [p.to(DEVICE, dtype).requires_grad_(True) for p in params]
     ids = None if ids is None else ids.to(DEVICE)
     seed_tensor = None if seed is None else torch.tensor(seed, dtype=torch.int64)
-    y = ops.hgt(x, params, config, ids=ids, scale=scale, seed=seed_tensor, backend=backend)
+    y = functional.hgt(x, params, config, ids=ids, scale=scale, seed=seed_tensor, backend=backend)
     if grad_y is None:
         return y.detach(), None
     grads = torch.autograd.grad(y, [x] + params, grad_y.to(DEVICE, dtype))
@@ -224,8 +224,8 @@ def test_interpreter_refuses_bf16_with_reason():
     x = torch.randn(4, config.in_dim, dtype=torch.bfloat16)
     params = [torch.randn(s, dtype=torch.bfloat16) for s in config.param_shapes()]
     with pytest.raises(backends.BackendUnavailableError, match="no bfloat16"):
-        ops.hgt(x, params, config, backend="triton")
-    assert ops.hgt(x, params, config).dtype == torch.bfloat16  # auto runs the reference
+        functional.hgt(x, params, config, backend="triton")
+    assert functional.hgt(x, params, config).dtype == torch.bfloat16  # auto runs the reference
 
 
 def _compile_sm90(kernel, pointers, scalars, constexprs, mma="mma", **options):
@@ -244,13 +244,13 @@ def compile_kernels_for_sm90():
     """bf16 forward and GEMM backward kernels through the real compiler (run outside the
     interpreter, see the test below)."""
     from define_kernels.backends.triton_kernels import backward, forward
-    tuner = triton_hgt._forward_kernel()  # the GPU path wraps the kernel in an autotuner
-    assert len(tuner.configs) == len(triton_hgt.forward_configs()) > 1
+    tuner = triton_launch._forward_kernel()  # the GPU path wraps the kernel in an autotuner
+    assert len(tuner.configs) == len(triton_launch.forward_configs()) > 1
     config = HGTConfig(**dict(SMALL, transform="define_nomix", shuffle=True, dropout=0.1))
     in_proj = HGTConfig(**dict(SMALL, in_proj_from=20, in_proj_dropout=0.2, dropout=0.1))
-    for index, candidate in enumerate(triton_hgt.forward_configs()):  # every candidate: wgmma on sm_90
+    for index, candidate in enumerate(triton_launch.forward_configs()):  # every candidate: wgmma on sm_90
         stack = in_proj if index == 0 else config  # the in-proj layout once (its x' reads)
-        tables = {k: v for k, v in triton_hgt.stack_layout(stack, save=index == 0).items()
+        tables = {k: v for k, v in triton_layout.stack_layout(stack, save=index == 0).items()
                   if k not in ("z_width", "h_width", "num_params")}
         _compile_sm90(forward.hgt_forward_kernel,
                       dict(x_ptr="*bf16", ids_ptr="*i32", params_ptr="*bf16", z_ptr="*fp32",
@@ -260,9 +260,9 @@ def compile_kernels_for_sm90():
                            proj_drop_scale="fp32"),
                       dict(tables, HAS_IDS=True, DROPOUT=True, DOT_PRECISION="tf32", **candidate.kwargs),
                       mma="wgmma", num_warps=candidate.num_warps, num_stages=candidate.num_stages)
-    layout = triton_hgt.stack_layout(config, save=True)
+    layout = triton_layout.stack_layout(config, save=True)
     tiles = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32)
-    epilogue = triton_hgt.backward_tiles(torch.bfloat16)
+    epilogue = triton_launch.backward_tiles(torch.bfloat16)
     _compile_sm90(backward.epilogue_backward_kernel,
                   dict(dh_ptr="*fp32", z_ptr="*fp32", params_ptr="*bf16", dz_ptr="*fp32",
                        dgamma_ptr="*fp32", dbeta_ptr="*fp32", ids_ptr="*i64", bases_ptr="*i64"),

@@ -2,7 +2,7 @@
 
 Eager: forward and every gradient through the triton_ops (the Triton interpreter on CPU), and the
 public op running them when the triton backend is selected.
-Routing under torch.compile (fullgraph=True, so a graph break fails): ops.hgt / DeFINE put the
+Routing under torch.compile (fullgraph=True, so a graph break fails): functional.hgt / DeFINE put the
 triton_op into Dynamo's graph where triton runs, the opaque public op elsewhere; checked on CPU
 with a recording Dynamo backend that then runs the graph eagerly (the interpreter's launches are
 skipped only in Dynamo's fake-tensor pass, triton_library._InterpretedLaunch).
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import define_kernels as dk
-from define_kernels import backends, ops, reference
+from define_kernels import backends, functional, ops, reference
 from define_kernels.backends import first_use_check, triton_library
 from define_kernels.config import HGTConfig
 
@@ -62,8 +62,8 @@ def test_compiled_fullgraph_matches_eager(entry):
     seed = torch.tensor(7, dtype=torch.int64)
 
     def step(x, params):
-        if entry == "public":  # routed to the triton_op while tracing (ops.hgt)
-            y = ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton")
+        if entry == "public":  # routed to the triton_op while tracing (functional.hgt)
+            y = functional.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton")
         else:
             y = triton_library.hgt_triton(x, params, CONFIG, ids=ids, scale=1.3, seed=seed)
         return y.float().square().sum()
@@ -102,7 +102,7 @@ def test_public_op_runs_the_triton_op(monkeypatch):
         monkeypatch.setattr(triton_library, name,
                             lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
     seed = torch.tensor(12345, dtype=torch.int64)
-    y = ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton",
+    y = functional.hgt(x, params, CONFIG, ids=ids, scale=1.3, seed=seed, backend="triton",
                 activations="recompute")
     grads = torch.autograd.grad(y.square().sum(), [x] + params)
     assert "triton_hgt_forward" in calls and "triton_hgt_backward" in calls
@@ -145,7 +145,7 @@ def test_compiled_keeps_the_opaque_op_elsewhere(monkeypatch):
     x, ids, params = _inputs()
 
     def step(x, backend):
-        return ops.hgt(x, params, CONFIG, ids=ids, scale=1.3, backend=backend, activations="recompute")
+        return functional.hgt(x, params, CONFIG, ids=ids, scale=1.3, backend=backend, activations="recompute")
 
     compiled, graphs = _compile_recording(lambda x: step(x, "torch"))
     compiled(x)
@@ -164,7 +164,7 @@ def test_interpreter_kernels_refuse_a_graph_trace():
     in it, and skipping them there would return unwritten outputs: it must raise instead."""
     x, ids, params = _inputs()
     x, params = x.detach(), [p.detach() for p in params]
-    compiled = torch.compile(lambda x: ops.hgt(x, params, CONFIG, ids=ids, backend="triton",
+    compiled = torch.compile(lambda x: functional.hgt(x, params, CONFIG, ids=ids, backend="triton",
                                                activations="recompute"), backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="cannot enter a traced graph"):
         compiled(x)

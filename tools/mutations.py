@@ -15,10 +15,10 @@ class Mutation(NamedTuple):
     env: Tuple[Tuple[str, str], ...] = ()
 
 
-MODULE_TESTS = ("python_tests/test_survivors.py", "python_tests/test_module.py")
-BOUNDARY = ("python_tests/test_survivors.py", "-k", "threshold")
-CACHE_TESTS = ("python_tests/test_survivors.py", "python_tests/test_dropin_cache.py")
-CPP_BLOCKS = ("python_tests/test_survivors.py", "-k", "thread")
+MODULE_TESTS = ("python_tests/test_define.py", "python_tests/test_module.py")
+BOUNDARY = ("python_tests/test_reference.py", "-k", "threshold")
+CACHE_TESTS = ("python_tests/test_define.py", "python_tests/test_inference_cache.py")
+CPP_BLOCKS = ("python_tests/test_cpp_ext.py", "-k", "thread")
 DELIGHT_TESTS = ("python_tests/test_delight.py",)
 
 MUTATIONS = [
@@ -51,7 +51,7 @@ MUTATIONS = [
              "return draw.to(tl.int32) >= threshold", "return draw.to(tl.int32) > threshold", BOUNDARY),
     Mutation("broken csrc/ hidden by a prebuilt DEFINE_KERNELS_LIB", "csrc/cpu/hgt_cpu.cpp",
              '#include "hgt_epilogue.h"', '#error broken on purpose\n#include "hgt_epilogue.h"',
-             ("python_tests/test_reliability_guards.py",), (("DEFINE_KERNELS_LIB", "{prebuilt}"),)),
+             ("python_tests/test_expectations.py",), (("DEFINE_KERNELS_LIB", "{prebuilt}"),)),
     # ---------------------------------------------------------------- more plausible bugs
     Mutation("padding output not masked", "define_kernels/define.py",
              "y = y * (ids != self.padding_idx).unsqueeze(1).to(y.dtype)", "y = y", MODULE_TESTS),
@@ -64,7 +64,7 @@ MUTATIONS = [
     Mutation("repeated ids' table gradients overwritten, not summed", "define_kernels/ops.py",
              "torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))",
              "torch.zeros_like(x).index_copy_(0, ids, grad_rows.to(x.dtype))",
-             ("python_tests/test_opcheck.py", "python_tests/test_fuzz.py", "-k", "torch_and or autograd")),
+             ("python_tests/test_ops.py", "python_tests/test_fuzz.py", "-k", "torch_and or autograd")),
     Mutation("dedup gathers the wrong rows", "define_kernels/define.py",
              "y = self._embed(unique)[inverse]", "y = self._embed(unique)[inverse.flip(0)]", MODULE_TESTS),
     Mutation("cache fingerprint ignores the version counter",
@@ -98,7 +98,7 @@ MUTATIONS = [
              ".reshape(rows, layer.out_features)", DELIGHT_TESTS),
     Mutation("C++ backward reads the input buffer saved one layer earlier", "csrc/cpu/hgt_cpu.cpp",
              "l > 0 ? saved[2 * l - 1].to(in.compute)", "l > 1 ? saved[2 * l - 3].to(in.compute)",
-             ("python_tests/test_activation_policy.py", "-k", "cpu_cpp")),
+             ("python_tests/test_functional.py", "-k", "cpu_cpp")),
     Mutation("first-use check does not demote a failing backend", "define_kernels/backends/first_use_check.py",
              "    if failure is None:\n        _passed.add(key)", "    if True:\n        _passed.add(key)",
              ("python_tests/test_first_use_check.py",)),

@@ -70,9 +70,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> run_forward(const Inputs& in, bo
     const auto& d = plan.layers[l];
     // Kept and unshuffled, the GEMM output is the saved pre-norm buffer itself (the epilogue
     // adds the bias in place); otherwise it is scratch shared by every layer. Not kept, a grouped
-    // layer's output is scratch in [g, rows, c] blocks: one bmm with contiguous outputs is about
-    // 2% faster (fp32 forward) than a GEMM per group into column slices. (Kept, the extra store
-    // of the pre-norm rows that this layout needs costs that again.)
+    // layer's output is scratch in [g, rows, c] blocks: one bmm with contiguous outputs beats a
+    // GEMM per group into column slices, but not when the pre-norm rows must be stored as well.
     const bool z_is_pre = keep && !plan.shuffled[l];
     const at::Tensor& weight = in.params[d.param_offset];
     const at::Tensor& bias = in.params[d.param_offset + 1];

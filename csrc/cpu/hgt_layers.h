@@ -53,8 +53,7 @@ class ScratchRows {
   ScratchRows(int64_t rows, at::TensorOptions options) : rows_(rows), options_(options) {}
   at::Tensor rows_of(size_t slot, int64_t width);
   // [width, rows] with a row stride of rows rounded up to 32 elements (64 bytes of 16-bit
-  // values), the padding zeroed: a GEMM reading a transposed copy then reads whole cache lines
-  // (3-5% faster).
+  // values), the padding zeroed: a GEMM reading a transposed copy then reads whole cache lines.
   at::Tensor transposed_of(size_t slot, int64_t width);
 
  private:
@@ -75,8 +74,8 @@ inline bool bias_in_epilogue(at::ScalarType compute) {
 // Whether this layer's GEMM runs as gemm_with_fused_bias: one group, bf16, on a host with
 // AVX-512 BW/VL/DQ (where ATen's bf16 GEMMs are oneDNN's too) and a torch with oneDNN's linear
 // op. It saves the broadcast copy of the bias into the output and the GEMM's read of it (beta
-// = 1): 12-22% of wt103-base's two big bf16 forward GEMMs (0.78x / 0.88x their copy + GEMM). DEFINE_KERNELS_NO_FUSED_BIAS=1 (or
-// torch.backends.mkldnn.enabled = False) keeps the plain path.
+// = 1), a large share of a wide bf16 GEMM's time. torch.backends.mkldnn.enabled = False keeps
+// the plain path.
 bool fused_bias_gemm(const LayerDesc& d, const at::Tensor& u, at::ScalarType compute);
 
 // A new [rows, w] tensor u weight[0] + bias, the bias added by oneDNN's matmul in fp32 before the

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <define_kernels/codes.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -16,9 +17,9 @@ namespace dk_cuda {
 
 constexpr int kMaxLayers = 16;
 
-// The op's `layers` table codes (6 ints per layer in the schema).
-enum InputKind : int { kInputX = 0, kInputMix = 1, kInputConcat = 2, kInputPrev = 3 };
-enum Activation : int { kActNone = 0, kActGelu = 1, kActRelu = 2, kActSilu = 3 };
+// The layer codes of the op's `layers` argument (codes.h, generated from define_kernels/codes.py;
+// these kernels never see kInputProj: the binding refuses an in-proj).
+using namespace define_kernels::codes;
 
 // One layer: pointers to its contiguous parameters (dtype T of the launcher) and its shape.
 // weight [groups, in/groups, out/groups], bias [groups, out/groups], norm affine [out/groups].

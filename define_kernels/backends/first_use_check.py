@@ -19,13 +19,12 @@ them from here).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import env, reference
 
 ENV_DISABLE = "DEFINE_KERNELS_NO_FIRST_USE_CHECK"
 GUARDED = frozenset({"triton", "cuda"})
@@ -40,7 +39,7 @@ _demoted: dict = {}  # backend name -> reason
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_DISABLE, "") not in ("1", "true", "yes")
+    return not env.flag(ENV_DISABLE)
 
 
 def demotion_reason(name: str) -> Optional[str]:

@@ -5,13 +5,15 @@ offline compile checks. See triton_hgt.py for the design.
 """
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Optional
+import math
 
 import torch
 
+from .. import contract
+from ..codes import InputKind
 from ..config import HGTConfig
-from ..inference_cache import parameters_fingerprint
 from ..reference import _MASK32, _fmix32
 
 
@@ -23,6 +25,11 @@ def _cumulative(widths) -> tuple:
     return tuple(offsets)
 
 
+def _kernel_kind(kind: InputKind) -> InputKind:
+    """The kernels read the in-proj's input as a first layer reads x (IN_PROJ says the rest)."""
+    return InputKind.X if kind == InputKind.PROJ else kind
+
+
 @functools.lru_cache(maxsize=64)
 def stack_layout(config: HGTConfig, save: bool) -> dict:
     """Constexpr tables of the kernels: per-layer shapes, packed parameter and scratch offsets.
@@ -32,21 +39,17 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
     With an in-proj (IN_PROJ), its output x' stays in h at XP_OFF for every later layer's skip
     read: its own p columns after the ping-pong pair when save=False.
     """
-    from .triton_kernels.common import ACT_CODES, KIND_CODES
-    layers = config.layers
+    plan = contract.plan(config)
+    layers = plan.layers
     widths = [layer.out_features for layer in layers]
     offsets = {"W_OFF": [], "B_OFF": [], "NW_OFF": [], "NB_OFF": []}
     position = 0
-    shapes = iter(config.param_shapes())
-    for index in range(len(layers)):
-        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if config.layer_has_norm(index) else [])
-        for name in names:
+    for layer in layers:
+        names = ["W_OFF", "B_OFF"] + (["NW_OFF", "NB_OFF"] if layer.has_norm else [])
+        for name, shape in zip(names, layer.param_shapes):
             offsets[name].append(position)
-            size = 1
-            for dim in next(shapes):
-                size *= dim
-            position += size
-        if not config.layer_has_norm(index):
+            position += math.prod(shape)
+        if not layer.has_norm:
             offsets["NW_OFF"].append(0)
             offsets["NB_OFF"].append(0)
     widest = max(widths)
@@ -63,10 +66,10 @@ def stack_layout(config: HGTConfig, save: bool) -> dict:
     return dict(
         IN=tuple(layer.in_features for layer in layers), OUT=tuple(widths),
         GROUPS=tuple(layer.groups for layer in layers),
-        KINDS=tuple(KIND_CODES[layer.input_kind] for layer in layers),
+        KINDS=tuple(int(_kernel_kind(layer.kind)) for layer in layers),
         PREV_W=(0,) + tuple(widths[:-1]),
-        NORMS=tuple(bool(config.layer_has_norm(i)) for i in range(len(layers))),
-        ACTS=tuple(ACT_CODES[config.layer_act(i)] for i in range(len(layers))),
+        NORMS=tuple(layer.has_norm for layer in layers),
+        ACTS=tuple(int(layer.act) for layer in layers),
         **{name: tuple(values) for name, values in offsets.items()},
         Z_OFF=z_off, H_OFF=h_off, HIN_OFF=(0,) + h_off[:-1],
         P=config.in_dim, NUM_LAYERS=len(layers), SHUFFLE=config.shuffle,
@@ -80,26 +83,31 @@ def dropout_bases(seed: int, num_layers: int, device) -> torch.Tensor:
                         dtype=torch.int64, device=device)
 
 
-class _PackedParams:
-    """One flat copy of the parameter list, rebuilt only when a parameter changed.
+class PackedParams:
+    """Flat copies of parameter lists, one per list (keyed by the tensors' addresses and shapes,
+    so two modules do not evict each other), each rebuilt only when one of its parameters
+    changed (version counter: an in-place update). An entry holds the tensors it was built from,
+    so an address cannot be reused meanwhile; at most `slots` lists are kept, least recently
+    used dropped first."""
 
-    The fingerprint is the one of the inference cache (address, version counter, dtype, device);
-    the cache holds the tensors it was built from, so an address cannot be reused meanwhile.
-    """
-
-    def __init__(self):
-        self._sources, self._fingerprint, self._flat = None, None, None
+    def __init__(self, slots: int = 4):
+        self.slots = slots
+        self._entries: "collections.OrderedDict" = collections.OrderedDict()
 
     def get(self, params) -> torch.Tensor:
-        fingerprint = parameters_fingerprint(params) + (tuple(p.shape for p in params),)
-        if self._flat is None or fingerprint != self._fingerprint:
-            self._flat = None  # free the stale copy first
-            self._flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self._sources, self._fingerprint = list(params), fingerprint
-        return self._flat
+        key = tuple((p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in params)
+        versions = tuple(p._version for p in params)
+        entry = self._entries.pop(key, None)
+        if entry is None or entry[0] != versions:
+            entry = None  # free the stale copy first
+            entry = (versions, list(params), torch.cat([p.detach().reshape(-1) for p in params]))
+        self._entries[key] = entry
+        while len(self._entries) > self.slots:
+            self._entries.popitem(last=False)
+        return entry[2]
 
 
-_packed = _PackedParams()
+packed_params = PackedParams()
 
 
 def dropout_bases_tensor(seed: torch.Tensor, num_layers: int, device) -> torch.Tensor:

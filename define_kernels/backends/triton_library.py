@@ -1,23 +1,23 @@
 """The Triton path as `torch.library.triton_op`s, so torch.compile / Inductor see the kernels.
 
 The public op (ops.py) is a custom op: opaque to the compiler, which then calls it as one
-black box. Here the same launches (triton_hgt.run_forward / _run_backward) run inside
+black box. Here the same launches (triton_launch.run_forward / run_backward) run inside
 `triton_op`s with every kernel passed through `wrap_triton`, so a graph captured with
 torch.compile(fullgraph=True) or torch.export contains the Triton kernels themselves
 (`triton_kernel_wrapper_functional` nodes) next to the surrounding torch ops, which Inductor
 can schedule, fuse around and launch without a Python round trip.
 
-    define_kernels::triton_hgt_forward(x, ids, params, config, scale, seed) -> y
+    define_kernels::triton_hgt_forward(x, ids, params, config, scale, seed, sparse_grad=False) -> y
     define_kernels::triton_hgt_backward(grad_y, x, ids, params, config, scale, seed)
         -> (grad_rows, grad_params)
 
 Arguments as in ops.py (config is HGTConfig.key, seed a 0-d int64 tensor or None); the dropout
 per-layer bases are computed from the seed tensor in torch ops, so a new seed per step does not
-recompile. `hgt_triton` is the functional entry with autograd (gradient per gathered row
-scattered into the table, as the public op does).
+recompile. `hgt_triton` is the functional entry; its autograd rule is the public op's
+(define_kernels/autograd.py: the same table-gradient policy, sparse_grad included).
 
 These ops ARE the triton backend: the registry's forward / backward (triton_hgt.py) call them
-eagerly behind the public op, and while torch.compile traces, `ops.hgt` calls `hgt_triton`
+eagerly behind the public op, and while torch.compile traces, `functional.hgt` calls `hgt_triton`
 instead of the opaque public op whenever `traced_route` says the selection would pick triton.
 That decision is made once per trace, eagerly (torch._dynamo.assume_constant_result), by the
 registry's own `select` on a small random probe of the same config, dtype, device and dropout
@@ -31,10 +31,10 @@ from typing import List, Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ..checks import check_op_inputs
-from . import first_use_check
+from .. import contract
 from ..config import HGTConfig
-from . import triton_hgt
+from . import first_use_check, triton_launch
+from .registry import BackendUnavailableError, OpInputs, select
 
 
 class _InterpretedLaunch:
@@ -62,15 +62,16 @@ class _InterpretedLaunch:
 
 
 def _wrap(kernel):
-    return _InterpretedLaunch(kernel) if triton_hgt._interpreting() else wrap_triton(kernel)
+    return _InterpretedLaunch(kernel) if triton_launch.interpreting() else wrap_triton(kernel)
 
 
 @triton_op("define_kernels::triton_hgt_forward", mutates_args=())
 def triton_hgt_forward(x: torch.Tensor, ids: Optional[torch.Tensor], params: List[torch.Tensor],
-                       config: str, scale: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+                       config: str, scale: float, seed: Optional[torch.Tensor],
+                       sparse_grad: bool = False) -> torch.Tensor:
     cfg = HGTConfig.from_key(config)
-    with triton_hgt._on_device(x.device):
-        return triton_hgt.run_forward(x, ids, list(params), cfg, scale, seed, save=False,
+    with triton_launch.on_device(x.device):
+        return triton_launch.run_forward(x, ids, list(params), cfg, scale, seed, save=False,
                                       wrap=_wrap)[0]
 
 
@@ -79,46 +80,27 @@ def triton_hgt_backward(grad_y: torch.Tensor, x: torch.Tensor, ids: Optional[tor
                         params: List[torch.Tensor], config: str, scale: float,
                         seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, List[torch.Tensor]]:
     cfg = HGTConfig.from_key(config)
-    with triton_hgt._on_device(x.device):
-        grad_rows, grad_params = triton_hgt._run_backward(
+    with triton_launch.on_device(x.device):
+        grad_rows, grad_params = triton_launch.run_backward(
             grad_y.contiguous(), x, ids, list(params), cfg, scale, seed, wrap=_wrap)
     return grad_rows, list(grad_params)
 
 
-def _setup_context(ctx, inputs, output):
-    x, ids, params, config, scale, seed = inputs
-    ctx.save_for_backward(x, ids, seed, *params)
-    ctx.config, ctx.scale = config, scale
-
-
-def _backward(ctx, grad_y):
-    x, ids, seed, *params = ctx.saved_tensors
-    grad_rows, grad_params = triton_hgt_backward(grad_y, x, ids, params, ctx.config, ctx.scale, seed)
-    if ids is None:
-        grad_x = grad_rows
-    else:  # rows -> table, summed per id (as ops.py)
-        grad_x = torch.zeros_like(x).index_add_(0, ids, grad_rows.to(x.dtype))
-    return grad_x, None, list(grad_params), None, None, None
-
-
-triton_hgt_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
 def hgt_triton(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
                ids: Optional[torch.Tensor] = None, scale: float = 1.0,
-               seed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ops.hgt on the triton backend, traceable into the caller's graph (see the module docstring)."""
-    check_op_inputs(x, ids, list(params), config)
+               seed: Optional[torch.Tensor] = None, sparse_grad: bool = False) -> torch.Tensor:
+    """functional.hgt on the triton backend, traceable into the caller's graph (see the module docstring)."""
+    contract.check_inputs(x, ids, list(params), contract.plan(config))
     if ids is not None and ids.numel():
         # the public op's IndexError check needs a host sync; in a graph: an async device assert
         torch._assert_async(((ids >= 0) & (ids < x.shape[0])).all(),
                             "define_kernels: ids out of range [0, x.shape[0])")
-    return triton_hgt_forward(x, ids, list(params), config.key, float(scale), seed)
+    return triton_hgt_forward(x, ids, list(params), config.key, float(scale), seed, bool(sparse_grad))
 
 
 def traced_route(x: torch.Tensor, ids: Optional[torch.Tensor], config: HGTConfig,
                  seed: Optional[torch.Tensor], backend: str) -> bool:
-    """While torch.compile traces ops.hgt: True when the public op would run on triton for
+    """While torch.compile traces functional.hgt: True when the public op would run on triton for
     inputs like these, so the caller calls hgt_triton instead (the kernels then enter the graph).
     Only metadata of the (fake) tensors is read; autocast keeps the opaque op (its casts)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -132,7 +114,6 @@ def _triton_would_run(config_key: str, dtype: torch.dtype, device: torch.device,
                       dropout: bool, backend: str) -> bool:
     """Eagerly, at trace time: does backends.select pick triton (first-use check included) for a
     random probe of this config, dtype, device and dropout setting?"""
-    from . import BackendUnavailableError, OpInputs, select
     config = HGTConfig.from_key(config_key)
     generator = torch.Generator().manual_seed(0)
     rows = first_use_check.PROBE_ROWS

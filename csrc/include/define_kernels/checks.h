@@ -1,8 +1,8 @@
 // Argument checks of the define_kernels_C ops, shared by the CPU and CUDA implementations.
 //
 // Every failure names the argument. DK_CHECK raises c10::ValueError (Python ValueError),
-// DK_CHECK_INDEX raises c10::IndexError; both happen before any kernel runs. The Python fakes in
-// define_kernels/backends/cpp_ext.py mirror these checks so opcheck sees the same contract.
+// DK_CHECK_INDEX raises c10::IndexError; both happen before any kernel runs. The Python side of
+// the same contract (the public op and every fake) is define_kernels/contract.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <define_kernels/codes.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,11 +22,10 @@
 
 namespace define_kernels {
 
-// The 7 ints per layer of the `layers` argument (see define_ops.cpp). kInputProj: the in-proj,
-// layer 0 only, reading x (width n); its output is the stack input p of every later layer.
-enum InputKind : int64_t { kInputX = 0, kInputMix = 1, kInputConcat = 2, kInputPrev = 3, kInputProj = 4 };
-enum Act : int64_t { kActNone = 0, kActGelu = 1, kActRelu = 2, kActSilu = 3 };
-constexpr int64_t kIntsPerLayer = 7;
+// The 7 ints per layer of the `layers` argument and their codes (codes.h, generated from
+// define_kernels/codes.py). kInputProj: the in-proj, layer 0 only, reading x (width n); its
+// output is the stack input p of every later layer.
+using namespace codes;
 
 // The 7th int of a layer: its dropout probability, the bits of a float64 (exact).
 inline double layer_dropout_from_bits(int64_t bits) {

@@ -1,13 +1,10 @@
 """Device helpers shared by the forward and backward kernels.
 
-Codes passed as constexprs: input kinds KIND_X / MIX / CONCAT / PREV (config.INPUT_*), activations
-ACT_NONE / GELU / RELU / SILU.
+KIND and ACT constexprs are the codes of define_kernels/codes.py (InputKind X 0, MIX 1, CONCAT 2,
+PREV 3; Activation NONE 0, GELU 1, RELU 2, SILU 3), from triton_layout.stack_layout.
 """
 import triton
 import triton.language as tl
-
-KIND_CODES = {"x": 0, "mix": 1, "concat": 2, "prev": 3, "proj": 0}  # the in-proj reads x as a first layer does
-ACT_CODES = {None: 0, "gelu": 1, "relu": 2, "silu": 3}
 
 
 @triton.jit

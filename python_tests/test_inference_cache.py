@@ -1,4 +1,4 @@
-"""Eval that never lies (issue #10 items 1 and 6): the inference cache serves only when no gradient
+"""define_kernels/inference_cache.py through DeFINE's eval: the cache serves only when no gradient
 can be needed, fills lazily per id, is invalidated by every parameter change, and is thread-safe."""
 import threading
 

@@ -1,11 +1,13 @@
-"""Activation policies ("recompute" / "save") through the public op and the modules, on every
-backend that runs here; autocast (CPU) against an fp32 run; opcheck of the saving ops."""
+"""define_kernels/functional.py and autocast.py: the activation policies ("recompute" / "save")
+through the public op and the modules, on every backend that runs here; autocast (CPU) against
+an fp32 run; opcheck of the saving ops."""
 import pytest
 import torch
 
 import define_kernels as dk
-from define_kernels import backends, ops, reference
+from define_kernels import backends, functional, ops, reference
 from define_kernels.backends import BackendUnavailableError
+from define_kernels.backends import registry as backend_registry
 from tolerances import ATOL, RTOL, assert_close
 
 CONFIGS = {
@@ -29,7 +31,7 @@ def make_inputs(config, dtype=torch.float64, vocab=23, rows=31):
 
 
 def run(config, x, ids, params, backend, policy, seed=None):
-    y = ops.hgt(x, params, config, ids=ids, scale=1.3, seed=seed, backend=backend, activations=policy)
+    y = functional.hgt(x, params, config, ids=ids, scale=1.3, seed=seed, backend=backend, activations=policy)
     grads = torch.autograd.grad(y, [x] + params, torch.ones_like(y) + torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape) % 3)
     return [y] + list(grads)
 
@@ -54,7 +56,7 @@ def test_save_policy_gradcheck(backend):
     seed = torch.tensor(42)
 
     def fn(x, *params):
-        return ops.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend=backend,
+        return functional.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend=backend,
                        activations="save")
 
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
@@ -68,25 +70,25 @@ def test_save_runs_the_saving_op_only_when_grad_is_needed(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY, "torch", backends._REGISTRY["torch"].__class__(
         **{**backends._REGISTRY["torch"].__dict__,
            "forward_saving": lambda *a: calls.append(1) or original(*a)}))
-    ops.hgt(x, params, config, ids=ids, backend="torch", activations="save")
+    functional.hgt(x, params, config, ids=ids, backend="torch", activations="save")
     assert calls == [1]
     with torch.no_grad():
-        ops.hgt(x, params, config, ids=ids, backend="torch", activations="save")
+        functional.hgt(x, params, config, ids=ids, backend="torch", activations="save")
     assert calls == [1]
 
 
 def test_backend_without_save_declines_with_a_reason(monkeypatch):
     recompute_only = backends.Backend("recompute_only", 1, ("cpu",), (torch.float64,),
-                                      reference.hgt_forward, reference.hgt_backward)
+                                      reference.hgt_forward, backends._REGISTRY["torch"].backward)
     monkeypatch.setitem(backends._REGISTRY, "recompute_only", recompute_only)
     config = CONFIGS["define_nomix"]
     x, ids, params = make_inputs(config)
     with pytest.raises(BackendUnavailableError, match="activation policy 'save' not supported"):
-        ops.hgt(x, params, config, ids=ids, backend="recompute_only", activations="save")
-    ops.hgt(x, params, config, ids=ids, backend="recompute_only", activations="recompute")
+        functional.hgt(x, params, config, ids=ids, backend="recompute_only", activations="save")
+    functional.hgt(x, params, config, ids=ids, backend="recompute_only", activations="recompute")
     # auto skips it for "save" (priority 1 would win otherwise) and picks it for "recompute".
     # activations="auto" with a backend that cannot save: recompute, no error.
-    ops.hgt(x, params, config, ids=ids, backend="recompute_only")
+    functional.hgt(x, params, config, ids=ids, backend="recompute_only")
     inputs = backends.OpInputs(x, ids, params, config, 1.0, None)
     assert backends.select("auto", inputs, "save").name != "recompute_only"
     assert backends.select("auto", inputs, "recompute").name == "recompute_only"
@@ -96,7 +98,7 @@ def test_bad_policy_names_the_argument():
     config = CONFIGS["define_nomix"]
     x, ids, params = make_inputs(config)
     with pytest.raises(ValueError, match="activations"):
-        ops.hgt(x, params, config, ids=ids, activations="keep")
+        functional.hgt(x, params, config, ids=ids, activations="keep")
     with pytest.raises(ValueError, match="activations"):
         dk.DeFINE(10, 8, map_dim=8, expand_dim=16, depth=2, max_groups=2, activations="keep")
 
@@ -149,12 +151,12 @@ def test_autocast_bf16_forward_and_grads_vs_fp32(backend, policy, dropout):
     x.data.mul_(0.5)
     seed = torch.tensor(5) if dropout else None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ops.hgt(x, params, config, ids=ids, seed=seed, backend=backend, activations=policy)
+        y = functional.hgt(x, params, config, ids=ids, seed=seed, backend=backend, activations=policy)
     assert y.dtype == torch.bfloat16
     grad_y = torch.randn(y.shape) * 0.1
     grads = torch.autograd.grad(y, [x] + params, grad_y.to(y.dtype))
     assert all(g.dtype == torch.float32 for g in grads)
-    y32 = ops.hgt(x, params, config, ids=ids, seed=seed, backend=backend, activations=policy)
+    y32 = functional.hgt(x, params, config, ids=ids, seed=seed, backend=backend, activations=policy)
     grads32 = torch.autograd.grad(y32, [x] + params, grad_y)
     _bf16_close(y, y32, "y")
     for index, (a, b) in enumerate(zip(grads, grads32)):
@@ -180,8 +182,8 @@ def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
     config = CONFIGS["define_nomix"]
     x, ids, params = make_inputs(config, torch.float16)
     with pytest.raises(BackendUnavailableError, match="'save' not supported for torch.float16"):
-        ops.hgt(x, params, config, ids=ids, backend="cpu_cpp", activations="save")
-    y = ops.hgt(x, params, config, ids=ids, backend="cpu_cpp")  # auto policy: recompute for fp16
+        functional.hgt(x, params, config, ids=ids, backend="cpu_cpp", activations="save")
+    y = functional.hgt(x, params, config, ids=ids, backend="cpu_cpp")  # auto policy: recompute for fp16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float16
 
@@ -189,12 +191,12 @@ def test_cpu_cpp_declines_fp16_save_and_auto_recomputes():
 def test_auto_follows_the_measured_ranking(monkeypatch):
     """A measured ranking for (device, dtype) reorders the measured backends within their places
     in `auto`; other backends and other dtypes keep priority order."""
-    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
+    monkeypatch.setattr(backend_registry, "measured_ranking", lambda: {"cpu": {"float64": ["cpu_cpp", "torch"]}})
     by_priority = [b.name for b in backends.backends_by_priority()]
     order = [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)]
     assert order.index("cpu_cpp") < order.index("torch")
     assert [n for n in order if n not in ("cpu_cpp", "torch")] == [n for n in by_priority if n not in ("cpu_cpp", "torch")]
-    monkeypatch.setattr(backends, "measured_ranking", lambda: {"cpu": {"float64": ["torch", "cpu_cpp"]}})
+    monkeypatch.setattr(backend_registry, "measured_ranking", lambda: {"cpu": {"float64": ["torch", "cpu_cpp"]}})
     assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float64)] == by_priority
     assert [b.name for b in backends.auto_order(torch.device("cpu"), torch.float32)] == by_priority
 

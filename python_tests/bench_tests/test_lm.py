@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root holds bench/
 
 from bench.lm import data, report, train  # noqa: E402
 from tolerances import assert_close  # noqa: E402

@@ -1,14 +1,14 @@
-"""Tests that can fail: one per bug a mutation audit found surviving the suite (issue 13), each
-run on every backend that can run here (`backend` fixture; an expected backend that cannot run
-fails, see expectations.py). tools/mutate.py plants each of these bugs and checks it is caught.
+"""define_kernels/define.py: DeFINE as a module: construction (factory kwargs, meta, keywords),
+padding, the eval cache's invalidation, map dropout, the sparse path and dedup, on every backend
+that runs here (`module_backend` fixture; an expected backend that cannot run fails, see
+expectations.py). tools/mutate.py plants bugs these tests must catch.
 """
 import pytest
 import torch
 
-from define_kernels import DeFINE, HGTConfig, backends, ops, reference
+from define_kernels import HGT, DeFINE, HGTConfig, backends
 
 from conftest import usable_backend
-from plain_dropout_hash import draw24
 from tolerances import assert_close, assert_close_scaled
 
 SMALL = dict(map_dim=8, expand_dim=32, depth=3, max_groups=4)
@@ -31,6 +31,59 @@ def require(backend, dtype=torch.float32):
     inputs = backends.OpInputs(torch.zeros(1, SMALL["map_dim"], dtype=dtype), None, [],
                                HGTConfig(8, 32, 12, 3, 4), 1.0, None)
     return usable_backend(backend, inputs)
+
+
+def default_define(**options):
+    return DeFINE(50, 12, **{**SMALL, **options})
+
+
+# ------------------------------------------------------------------------------ factory kwargs
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_device_and_dtype_factory_kwargs(dtype):
+    model = default_define(in_proj_dim=16, device="cpu", dtype=dtype)
+    assert all(p.dtype == dtype and p.device.type == "cpu" for p in model.parameters())
+    assert model(torch.tensor([1, 2])).dtype == dtype
+    stack = HGT(HGTConfig(8, 16, 4, 2, 2), dtype=dtype)
+    assert all(p.dtype == dtype for p in stack.parameters())
+
+
+def test_meta_construction_then_to_empty_reset_parameters_and_training():
+    with torch.device("meta"):
+        model = default_define(padding_idx=0, in_proj_dim=16)
+    assert model.map_weight.is_meta
+    ids = torch.tensor([[0, 4, 4], [7, 49, 1]])
+    y = model(ids.to("meta"))  # shape inference on meta: no dedup (aten::_unique2 has no meta kernel)
+    assert y.shape == (2, 3, 12) and y.is_meta
+    y.sum().backward()
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    assert torch.equal(model.map_weight[0], torch.zeros(8))
+    assert model.in_proj.weight.abs().sum() > 0 and torch.equal(model.in_proj_norm.weight, torch.ones(16))
+    fresh = default_define(padding_idx=0, in_proj_dim=16)
+    fresh.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(ids).pow(2).mean().backward()
+        optimizer.step()
+    assert not torch.equal(model.map_weight, fresh.map_weight)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unknown_keyword_names_define_and_the_keyword():
+    with pytest.raises(TypeError, match=r"DeFINE.__init__\(\) got an unexpected keyword argument 'mx_groups'"):
+        default_define(mx_groups=4)
+    with pytest.raises(TypeError, match="'in_dim'"):
+        default_define(in_dim=8)  # set by DeFINE itself, not an HGT option
+
+
+def test_weight_attribute_explains_itself():
+    model = default_define()
+    assert not hasattr(model, "weight")
+    with pytest.raises(AttributeError, match="map_weight.*TiedOutput.*materialize_cache"):
+        model.weight
+    with pytest.raises(AttributeError, match="has no attribute 'wieght'"):
+        model.wieght  # other names keep nn.Module's message
 
 
 # ------------------------------------------------------------------------------ padding
@@ -144,77 +197,12 @@ def test_sparse_path_matches_dense_values_and_gradient(module_backend):
         assert_close_scaled(b.grad.to_dense(), a.grad, torch.float32, name=f"grad {name}")
 
 
-# ------------------------------------------------------------------------------ C++ row blocks
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 129, 300, 1100], ids=lambda r: f"rows{r}")
-def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
-    """The CPU epilogue works on blocks of 32 rows (csrc/cpu/hgt_epilogue.h) and adds the
-    per-block bias/norm partials in block order: 1 row = one partial block, 129 = 4 full blocks
-    and one row, 300 and 1100 = partial last blocks split unevenly over 2 or 3 threads."""
-    config = HGTConfig(16, 40, 12, 3, 4, align=4)
-    inputs = backends.OpInputs(torch.zeros(1, 16), None, [], config, 1.0, None)
-    usable_backend("cpu_cpp", inputs)
-    from define_kernels.backends import cpp_ext
-    generator = torch.Generator().manual_seed(rows)
-    params = [torch.randn(s, generator=generator) * 0.4 for s in config.param_shapes()]
-    x = torch.randn(37, 16, generator=generator)
-    ids = torch.randint(0, 37, (rows,), generator=generator)
-    grad_y = torch.randn(rows, 12, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        grad_rows, grad_params = cpp_ext.backward(grad_y, x, ids, params, config, 0.9, None)
-    finally:
-        torch.set_num_threads(previous)
-    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y.double(), x.double(), ids,
-                                                            [p.double() for p in params], config, 0.9)
-    assert_close_scaled(grad_rows, grad_rows_ref, torch.float32, name="grad_rows")
-    for index, (got, want) in enumerate(zip(grad_params, grad_params_ref)):
-        assert_close_scaled(got, want, torch.float32, name=f"grad_params[{index}] ({threads} threads)")
-
-
-# ------------------------------------------------------------------------------ dropout boundary
-def boundary_case(config_options, row_key, feature, seed=12345):
-    """(config, p): p chosen from the hash so that the draw of (last layer, row_key, feature)
-    equals the keep threshold int(p * 2^24) exactly: kept under `draw >= threshold`, dropped
-    under `draw > threshold`."""
-    depth = config_options["depth"]
-    draw = draw24(seed, depth, row_key, feature)
-    p = draw / 2**24  # exact: draw < 2^24
-    assert reference.dropout_threshold(p) == draw
-    return HGTConfig(**config_options, dropout=p), p
-
-
-@pytest.mark.parametrize("gather", [True, False], ids=["ids", "dense"])
-def test_dropout_keeps_a_draw_equal_to_the_threshold(backend, gather):
-    options = dict(in_dim=8, expand_dim=16, out_dim=6, depth=2, max_groups=2, act=None, align=2)
-    row_key, feature, seed = 5, 3, 12345
-    config, p = boundary_case(options, row_key, feature, seed)
-    generator = torch.Generator().manual_seed(1)
-    params = [torch.randn(s, generator=generator, dtype=torch.float64) * 0.5 for s in config.param_shapes()]
-    if gather:
-        x, ids, row = torch.randn(9, 8, generator=generator, dtype=torch.float64), torch.tensor([2, row_key, 7]), 1
-    else:
-        x, ids, row = torch.randn(row_key + 2, 8, generator=generator, dtype=torch.float64), None, row_key
-    keys = reference.row_keys_for(x, ids)
-    assert bool(reference.dropout_keep_mask(seed, config.depth, keys, 6, p)[row, feature]), \
-        "reference: a draw equal to the threshold must be kept (keep when draw >= threshold)"
-    dtype = torch.float64 if backend in ("torch", "cpu_cpp") else torch.float32
-    usable_backend(backend, backends.OpInputs(x.to(dtype), ids, [], config, 1.0, seed))
-    seed_tensor = torch.tensor(seed)
-    y = ops.hgt(x.to(dtype), [q.to(dtype) for q in params], config, ids=ids, seed=seed_tensor, backend=backend)
-    y_ref = ops.hgt(x, params, config, ids=ids, seed=seed_tensor, backend="torch")
-    assert y_ref[row, feature] != 0
-    assert y[row, feature] != 0, f"{backend} drops the feature whose draw equals the threshold"
-    assert_close(y.double(), y_ref, dtype, name="y at the dropout boundary")
-
-
 # ------------------------------------------------------------------------------ found by the fuzz
 @pytest.mark.parametrize("options", [dict(), dict(in_proj_dim=16, in_proj_dropout=0.2)],
                          ids=["plain", "in-proj"])
 def test_dedup_is_exact_with_dropout_and_sparse_gradients(options):
     """Found with sparse=True on the unfused path (the op got gathered rows, masks keyed by row):
-    the fused op now gathers itself and returns the sparse table gradient (ops.hgt(sparse_grad=True))."""
+    the fused op now gathers itself and returns the sparse table gradient (functional.hgt(sparse_grad=True))."""
     models = [randomize_transform(small_define("torch", dedup=dedup, sparse=True, dropout=0.3, **options))
               for dedup in (True, False)]
     models[1].load_state_dict(models[0].state_dict())

@@ -1,12 +1,12 @@
-"""The map table's gradient without a table-sized zero fill (csrc/cpu/table_grad.cpp): equal to
-zeros + index_add for every dtype, repeated ids and empty batches; bad inputs named; the path the
+"""define_kernels/table_gradient.py: the map table's gradient without a table-sized zero fill
+(csrc/cpu/table_grad.cpp): equal to zeros + index_add for every dtype, repeated ids and empty batches; bad inputs named; the path the
 autograd rules take on CPU, and the one `PlainStack` (bench) leaves out."""
 
 import pytest
 import torch
 
-from define_kernels import DeFINE, ops
-from define_kernels.backends import cpp_ext
+from define_kernels import DeFINE, table_gradient
+from define_kernels.backends import cpp_library
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +22,7 @@ def test_equals_zeros_plus_index_add(dtype, id_dtype, n):
     ids = torch.randint(0, 1000, (n,), dtype=id_dtype)  # repeats: summed per id
     ids[:5] = 999
     grad_rows = torch.randn(n, 24).to(dtype)
-    got = cpp_ext.table_grad(1000, ids, grad_rows)
+    got = cpp_library.table_grad(1000, ids, grad_rows)
     # summed in (at least) fp32 and rounded once to the dtype
     want = torch.zeros(1000, 24, dtype=torch.float64).index_add_(0, ids, grad_rows.double())
     assert got.dtype == dtype and got.shape == table.shape and got.is_contiguous()
@@ -39,10 +39,10 @@ def test_equals_zeros_plus_index_add(dtype, id_dtype, n):
 
 def test_result_is_an_ordinary_tensor():
     """Optimizers and later backward passes write into it in place; it frees with its tensor."""
-    got = cpp_ext.table_grad(50, torch.tensor([3, 3]), torch.ones(2, 4))
+    got = cpp_library.table_grad(50, torch.tensor([3, 3]), torch.ones(2, 4))
     got.mul_(2).add_(1)
     assert got[3].tolist() == [5.0] * 4 and got[0].tolist() == [1.0] * 4
-    assert cpp_ext.table_grad(0, torch.tensor([], dtype=torch.long), torch.zeros(0, 4)).shape == (0, 4)
+    assert cpp_library.table_grad(0, torch.tensor([], dtype=torch.long), torch.zeros(0, 4)).shape == (0, 4)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -60,13 +60,13 @@ def test_bad_inputs_are_named(args, match):
 
 
 def test_gather_rows_gradient_matches_index_select():
-    """ops.gather_rows (the module's dedup gather and the autocast gather) differentiates like
+    """table_gradient.gather_rows (the module's dedup gather and the autocast gather) differentiates like
     index_select, for a contiguous and a strided x."""
     for x in (torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 12, dtype=torch.float64)[:, ::2]):
         x.requires_grad_()
         ids = torch.randint(0, 40, (90,))
         g = torch.randn(90, 6, dtype=torch.float64)
-        (got,) = torch.autograd.grad(ops.gather_rows(x, ids), x, g)
+        (got,) = torch.autograd.grad(table_gradient.gather_rows(x, ids), x, g)
         (want,) = torch.autograd.grad(x.index_select(0, ids), x, g)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 

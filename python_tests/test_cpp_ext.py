@@ -1,4 +1,4 @@
-"""The C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
+"""define_kernels/backends/cpp_ext.py: the C++ CPU extension (csrc/cpu) against the reference: values, gradients, dropout, opcheck,
 argument errors, determinism. The build is shared by the whole session (cached on disk) and must
 succeed: a failed build fails here, unless DEFINE_KERNELS_NO_JIT=1 asked for no build."""
 import re
@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from define_kernels import ops, reference
-from define_kernels.backends import cpp_ext
+from define_kernels import backends, contract, functional, reference
+from define_kernels.backends import cpp_build, cpp_ext
 from define_kernels.config import HGTConfig
-from tolerances import assert_close, assert_low_precision_close
+from conftest import usable_backend
+from tolerances import assert_close, assert_close_scaled, assert_low_precision_close
 
 
 
@@ -94,20 +95,20 @@ def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name, monkeypatch):
+def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name):
     """bf16's one-group layers on the path of hosts without oneDNN's fused-bias GEMM."""
-    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
-    check_every_gradient(CONFIGS[name], torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check_every_gradient(CONFIGS[name], torch.bfloat16)
 
 
 def fused_bias_gemm_expected():
     """Where csrc/cpu/hgt_layers.cpp's fused_bias_gemm runs: AVX-512 BW/VL/DQ in the build's
     flags, and a torch with oneDNN's linear op."""
-    return ({"-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(cpp_ext.cpu_isa_flags())
+    return ({"-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(cpp_build.cpu_isa_flags())
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available(monkeypatch):
+def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available():
     config = CONFIGS["define"]  # groups 4, 2, 1 and the one-group reduce layer
     x, ids = inputs(config, 33, torch.bfloat16)
     params = make_params(config, torch.bfloat16)
@@ -122,8 +123,8 @@ def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available(monkeypat
     assert one_group == 2
     assert fused_calls() == (2 * one_group if fused_bias_gemm_expected() else 0)
     assert fused_calls(torch.float32) == 0  # fp32 adds the bias in the epilogue
-    monkeypatch.setenv("DEFINE_KERNELS_NO_FUSED_BIAS", "1")
-    assert fused_calls() == 0
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert fused_calls() == 0
 
 
 def check_every_gradient(config, dtype):
@@ -193,7 +194,7 @@ def test_saved_layout_is_the_references():
     params = make_params(config)
     _, saved = cpp_ext.forward_saving(x, ids, params, config, 0.7, None)
     _, saved_ref = reference.hgt_forward_saving(x, ids, params, config, 0.7, None)
-    assert [tuple(t.shape) for t in saved] == reference.saved_shapes(config, 30)
+    assert [tuple(t.shape) for t in saved] == contract.plan(config).saved_shapes(30)
     for index, (a, b) in enumerate(zip(saved, saved_ref)):
         assert_close(a, b, name=f"saved[{index}]")
 
@@ -219,8 +220,8 @@ def test_dropout_mask_bit_exact_through_public_op():
     params = make_params(config, torch.float32)
     for x, ids in (inputs(config, 200, torch.float32), inputs(config, 200, torch.float32, False)):
         seed = torch.tensor(987654321)
-        y = ops.hgt(x, params, config, ids=ids, seed=seed, backend="cpu_cpp")
-        y_ref = ops.hgt(x, params, config, ids=ids, seed=seed, backend="torch")
+        y = functional.hgt(x, params, config, ids=ids, seed=seed, backend="cpu_cpp")
+        y_ref = functional.hgt(x, params, config, ids=ids, seed=seed, backend="torch")
         assert torch.equal(y == 0, y_ref == 0)
         assert_close(y, y_ref, name="y with dropout")
         assert (y == 0).float().mean() > 0.3  # the mask really drops (relu alone would not)
@@ -234,7 +235,7 @@ def test_gradcheck_fp64_public_op():
     seed = torch.tensor(42)
 
     def run(x, *params):
-        return ops.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend="cpu_cpp")
+        return functional.hgt(x, list(params), config, ids=ids, scale=1.3, seed=seed, backend="cpu_cpp")
 
     assert torch.autograd.gradcheck(run, (x, *params))
 
@@ -246,7 +247,7 @@ def test_fp32_gradients_public_op():
     x.requires_grad_()
     grads = {}
     for backend in ("cpu_cpp", "torch"):
-        y = ops.hgt(x, params, config, ids=ids, backend=backend)
+        y = functional.hgt(x, params, config, ids=ids, backend=backend)
         grads[backend] = torch.autograd.grad((y * y).sum(), [x, *params])
     for index, (got, want) in enumerate(zip(grads["cpu_cpp"], grads["torch"])):
         assert_close(got, want, name=f"grad {index}")
@@ -367,3 +368,31 @@ def test_bad_grad_y():
                    torch.randn(9, config.out_dim)):
         with pytest.raises(ValueError, match="grad_y"):
             torch.ops.define_kernels_C.hgt_backward(grad_y, *args)
+
+
+# ------------------------------------------------------------------------------ C++ row blocks
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 129, 300, 1100], ids=lambda r: f"rows{r}")
+def test_cpp_gradients_do_not_depend_on_thread_count_or_chunking(threads, rows):
+    """The CPU epilogue works on blocks of 32 rows (csrc/cpu/hgt_epilogue.h) and adds the
+    per-block bias/norm partials in block order: 1 row = one partial block, 129 = 4 full blocks
+    and one row, 300 and 1100 = partial last blocks split unevenly over 2 or 3 threads."""
+    config = HGTConfig(16, 40, 12, 3, 4, align=4)
+    inputs = backends.OpInputs(torch.zeros(1, 16), None, [], config, 1.0, None)
+    usable_backend("cpu_cpp", inputs)
+    generator = torch.Generator().manual_seed(rows)
+    params = [torch.randn(s, generator=generator) * 0.4 for s in config.param_shapes()]
+    x = torch.randn(37, 16, generator=generator)
+    ids = torch.randint(0, 37, (rows,), generator=generator)
+    grad_y = torch.randn(rows, 12, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_rows, grad_params = cpp_ext.backward(grad_y, x, ids, params, config, 0.9, None)
+    finally:
+        torch.set_num_threads(previous)
+    grad_rows_ref, grad_params_ref = reference.hgt_backward(grad_y.double(), x.double(), ids,
+                                                            [p.double() for p in params], config, 0.9)
+    assert_close_scaled(grad_rows, grad_rows_ref, torch.float32, name="grad_rows")
+    for index, (got, want) in enumerate(zip(grad_params, grad_params_ref)):
+        assert_close_scaled(got, want, torch.float32, name=f"grad_params[{index}] ({threads} threads)")

@@ -50,6 +50,6 @@ def test_origin_guard_catches_a_library_not_from_csrc(tmp_path, hide):
     else:
         env["DEFINE_KERNELS_CSRC"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(HERE / "test_reliability_guards.py::test_cpp_library_is_built_from_this_checkout")],
+                             str(HERE / "test_expectations.py::test_cpp_library_is_built_from_this_checkout")],
                             capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout[-2000:]
