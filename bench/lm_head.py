@@ -36,32 +36,10 @@ from typing import Dict, List, Optional
 from . import report
 from .lm_head_cases import SMALL_ONLY, VARIANTS, Case, child_main, estimate_bytes
 from .lm_head_report import csv_rows, evaluate_goals, markdown
-from .workloads import parse_workload
+from .workloads import comma_list, int_list, parse_workload, workload_list
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 GB = 2 ** 30
-
-
-def _list(text: str) -> List[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _workloads(text: str) -> List[str]:
-    """Comma list; the key=value fields of a custom: spec stay with it."""
-    names = []
-    for item in _list(text):
-        if "=" in item and names and names[-1].startswith("custom:"):
-            names[-1] += "," + item
-        else:
-            names.append(item)
-    return names
-
-
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(item) for item in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
 def mem_total_bytes() -> int:
@@ -78,13 +56,13 @@ def mem_total_bytes() -> int:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.lm_head", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", type=_list, default=["head", "step"], help="head, step or both")
-    parser.add_argument("--workload", type=_workloads, default=["wt2-small", "wt103-base"],
+    parser.add_argument("--parts", type=comma_list, default=["head", "step"], help="head, step or both")
+    parser.add_argument("--workload", type=workload_list, default=["wt2-small", "wt103-base"],
                         help="comma list of workload names (V, n, m, DeFINE config) or custom:V=..,n=..,...")
-    parser.add_argument("--tokens", type=_ints, default=[4096, 8192], help="comma list of T")
-    parser.add_argument("--dtypes", type=_list, default=["float32", "bfloat16"],
+    parser.add_argument("--tokens", type=int_list, default=[4096, 8192], help="comma list of T")
+    parser.add_argument("--dtypes", type=comma_list, default=["float32", "bfloat16"],
                         help="float32 and/or bfloat16 (autocast), also fp32 / bf16")
-    parser.add_argument("--variants", type=_list, default=None,
+    parser.add_argument("--variants", type=comma_list, default=None,
                         help=f"comma list (default all): head {list(VARIANTS['head'])}, step {list(VARIANTS['step'])}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process before the timed one")

@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 
 from . import metrics, providers, report, timing, workloads
+from .workloads import comma_list, int_list, workload_list
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -36,55 +37,33 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1536}
 
 
-def _list(text: str) -> List[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _workloads(text: str) -> List[str]:
-    """Comma list of workloads; the key=value fields of a custom: spec stay with it."""
-    names = []
-    for item in _list(text):
-        if "=" in item and names and names[-1].startswith("custom:"):
-            names[-1] += "," + item
-        else:
-            names.append(item)
-    return names
-
-
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(item) for item in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", type=_workloads, default=["ptb-lstm"],
+    parser.add_argument("--workload", type=workload_list, default=["ptb-lstm"],
                         help="comma list of docs/math.md §5 names or custom:V=..,n=..,k=..,m=..,N=..,g=..")
-    parser.add_argument("--vocab", type=_ints, default=None,
+    parser.add_argument("--vocab", type=int_list, default=None,
                         help="comma list of vocabulary sizes replacing the workload's (sweeps)")
-    parser.add_argument("--tokens", type=_ints, default=None,
+    parser.add_argument("--tokens", type=int_list, default=None,
                         help="comma list of ids per batch (default: the workload's tokens/batch)")
     parser.add_argument("--corpus", default=workloads.ZIPF,
                         choices=[workloads.ZIPF] + sorted(workloads.CORPORA),
                         help="token ids: seeded Zipf(1.1) sampler, or real text by frequency rank")
     parser.add_argument("--data-dir", default=None,
                         help=f"corpus directory (default ${workloads.ENV_DATA_DIR}, else ../shared/data)")
-    parser.add_argument("--providers", type=_list, default=None,
+    parser.add_argument("--providers", type=comma_list, default=None,
                         help="comma list, or 'all' (default: all but define-compile on CPU, whose "
                              "inductor build takes minutes there)")
-    parser.add_argument("--exclude", type=_list, default=[], help="providers to leave out")
-    parser.add_argument("--modes", type=_list, default=list(metrics.MODES),
+    parser.add_argument("--exclude", type=comma_list, default=[], help="providers to leave out")
+    parser.add_argument("--modes", type=comma_list, default=list(metrics.MODES),
                         help=f"comma list of {metrics.MODES}")
-    parser.add_argument("--dtypes", type=_list, default=None,
+    parser.add_argument("--dtypes", type=comma_list, default=None,
                         help="comma list (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5, help="timed samples per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile-mode", type=_list, default=None,
+    parser.add_argument("--compile-mode", type=comma_list, default=None,
                         help="torch.compile modes to try in order (default: best first per device)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of define-compile (tests use aot_eager)")

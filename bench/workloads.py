@@ -11,7 +11,8 @@ import collections
 import functools
 import os
 from pathlib import Path
-from typing import Optional
+import argparse
+from typing import List, Optional
 
 import torch
 
@@ -112,3 +113,27 @@ def batch_ids(workload: Workload, tokens: int, corpus: str = ZIPF, data_dir: Opt
     stream = corpus_stream(corpus, None if data_dir is None else str(data_dir))
     seq_len = 35 if corpus == "ptb" else 128
     return lm_batch(stream, tokens, min(seq_len, tokens)).clamp_(max=workload.vocab_size - 1)
+
+
+# ------------------------------------------------------------------ command-line list arguments
+def comma_list(text: str) -> List[str]:
+    """argparse type: a comma-separated list of names."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def workload_list(text: str) -> List[str]:
+    """Comma list of workloads; the key=value fields of a custom: spec stay with it."""
+    names = []
+    for item in comma_list(text):
+        if "=" in item and names and names[-1].startswith("custom:"):
+            names[-1] += "," + item
+        else:
+            names.append(item)
+    return names
+
+
+def int_list(text: str) -> List[int]:
+    try:
+        return [int(item) for item in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")

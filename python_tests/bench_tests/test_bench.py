@@ -72,7 +72,7 @@ def test_parse_workload_names_and_custom():
     for bad in ("nope", "custom:V=97", "custom:V=97,x=1"):
         with pytest.raises(ValueError, match="workload"):
             workloads.parse_workload(bad)
-    assert run._workloads(f"ptb-lstm,{TINY},wt2-small") == ["ptb-lstm", TINY, "wt2-small"]
+    assert run.workload_list(f"ptb-lstm,{TINY},wt2-small") == ["ptb-lstm", TINY, "wt2-small"]
 
 
 def test_zipf_ids_are_seeded_skewed_and_in_range():
