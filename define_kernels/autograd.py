@@ -7,7 +7,8 @@ gradient per gathered row into the table's gradient by the one policy of table_g
 """
 from __future__ import annotations
 
-from .backends import triton_library
+import torch
+
 from .ops import hgt_backward, hgt_backward_saved, hgt_forward, hgt_forward_saving
 from .table_gradient import table_grad
 
@@ -40,7 +41,9 @@ def _setup_context_triton(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, ids, seed, *params = ctx.saved_tensors
     if ctx.backend is _TRITON_OP:
-        grad_rows, grad_params = triton_library.triton_hgt_backward(
+        # the triton_op's backward, registered by backends/triton_library.py (which imports
+        # this module, so it is reached through torch.ops rather than imported here)
+        grad_rows, grad_params = torch.ops.define_kernels.triton_hgt_backward(
             grad_y, x, ids, params, ctx.config, ctx.scale, seed)
     else:
         grad_rows, grad_params = hgt_backward(grad_y, x, ids, params, ctx.config, ctx.scale, seed,
@@ -70,4 +73,3 @@ def _backward_saving(ctx, grad_y, _grad_saved):
 
 hgt_forward.register_autograd(_backward, setup_context=_setup_context)
 hgt_forward_saving.register_autograd(_backward_saving, setup_context=_setup_context_saving)
-triton_library.triton_hgt_forward.register_autograd(_backward, setup_context=_setup_context_triton)

@@ -13,7 +13,6 @@ from typing import List, Optional
 import torch
 
 from . import autocast, autograd, backends  # noqa: F401  (autocast, autograd: the ops' rules)
-from .backends import triton_library
 from .config import HGTConfig
 from .ops import hgt_forward, hgt_forward_saving
 
@@ -29,7 +28,9 @@ def hgt(x: torch.Tensor, params: List[torch.Tensor], config: HGTConfig, *,
                                                 x.device, x.dtype, backend)
     params = list(params)
     if policy == backends.RECOMPUTE and torch.compiler.is_compiling():
-        # the triton backend as triton_ops, so Inductor sees its kernels
+        # the triton backend as triton_ops, so Inductor sees its kernels (imported here: defining
+        # triton_ops imports triton, which importing the package must not)
+        from .backends import triton_library
         if triton_library.traced_route(x, ids, config, seed, backend):
             return triton_library.hgt_triton(x, params, config, ids=ids, scale=scale, seed=seed,
                                              sparse_grad=sparse_grad)

@@ -15,7 +15,6 @@ from typing import List, Optional
 
 import torch
 
-from . import triton_library
 from .registry import Backend, OpInputs, register_backend
 from .triton_launch import interpreting
 # The launch-level names bench/resource_report.py reads from this module.
@@ -63,6 +62,12 @@ def input_reasons(inputs: OpInputs) -> List[str]:
     return reasons
 
 
+def _triton_library():
+    """backends/triton_library.py, loaded on first use: defining its triton_ops imports triton,
+    which `import define_kernels` must not (the registry loads this module on every import)."""
+    return importlib.import_module(f"{__package__}.triton_library")
+
+
 def _seed_tensor(seed) -> Optional[torch.Tensor]:
     return None if seed is None else torch.tensor(seed, dtype=torch.int64)
 
@@ -70,7 +75,7 @@ def _seed_tensor(seed) -> Optional[torch.Tensor]:
 def triton_forward(x, ids, params, config, scale=1.0, seed=None):
     """The registry's forward: the triton_op called eagerly."""
     with torch.no_grad():
-        return triton_library.triton_hgt_forward(x, ids, list(params), config.key, float(scale),
+        return _triton_library().triton_hgt_forward(x, ids, list(params), config.key, float(scale),
                                                  _seed_tensor(seed))
 
 
@@ -78,7 +83,7 @@ def triton_backward(grad_y, x, ids, params, config, scale=1.0, seed=None):
     """(grad_rows [T, p], grad_params): recompute (SAVE layout), then 3 kernels per layer; the
     triton_op's backward, called eagerly."""
     with torch.no_grad():
-        grad_rows, grad_params = triton_library.triton_hgt_backward(
+        grad_rows, grad_params = _triton_library().triton_hgt_backward(
             grad_y, x, ids, [p.detach() for p in params], config.key, float(scale), _seed_tensor(seed))
     return grad_rows, list(grad_params)
 

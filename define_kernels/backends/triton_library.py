@@ -126,3 +126,10 @@ def _triton_would_run(config_key: str, dtype: torch.dtype, device: torch.device,
         return select(backend, inputs).name == "triton"
     except BackendUnavailableError:  # the opaque op raises it, with its message, when it runs
         return False
+
+
+# The autograd rule shared with the public ops; registered here, where the triton_op is defined,
+# so importing the package does not define triton_ops (defining one imports triton).
+from .. import autograd as _autograd  # noqa: E402
+
+triton_hgt_forward.register_autograd(_autograd._backward, setup_context=_autograd._setup_context_triton)
