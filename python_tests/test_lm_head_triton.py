@@ -183,7 +183,7 @@ def test_chunk_columns_bound_the_scratch():
         for vocab in (1, 300, 267_735, 10**7):
             columns = triton_backend.chunk_columns(tokens, vocab, block)
             assert columns % block == 0 and block <= columns <= max(block, -(-vocab // block) * block)
-            budget = triton_backend.INTERPRETER_SCRATCH_ELEMENTS if triton_backend._interpreting() \
+            budget = triton_backend.INTERPRETER_SCRATCH_ELEMENTS if triton_backend.interpreting() \
                 else triton_backend.SCRATCH_ELEMENTS
             assert tokens * columns <= max(budget, tokens * block)
     augmented = LMHeadSpec(alpha=0.5)
@@ -201,7 +201,7 @@ def test_reasons_and_auto_selection():
     with pytest.raises(Exception, match="reference backend only"):
         lm_head_loss(x, table, torch.zeros(3, dtype=torch.long, device=DEVICE), alpha=0.5,
                      detach_target=False, backend="triton")
-    if DEVICE == "cpu" and triton_backend._interpreting():
+    if DEVICE == "cpu" and triton_backend.interpreting():
         # the interpreter stands behind the reference: `auto` never runs real work in it
         assert backend.priority > registry._REGISTRY["reference"].priority
 

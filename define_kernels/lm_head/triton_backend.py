@@ -34,6 +34,7 @@ from typing import List, Optional
 
 import torch
 
+from ..backends.triton_launch import interpreting
 from .contract import LMHeadSpec, STATS
 from .registry import HeadBackend, register
 
@@ -41,10 +42,6 @@ PRIORITY = 5
 INTERPRETER_PRIORITY = 2000
 SCRATCH_ELEMENTS = 1 << 26             # [N, Vc] logits per chunk on a GPU
 INTERPRETER_SCRATCH_ELEMENTS = 1 << 10  # small chunks: the tests cross chunk edges at tiny V
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +59,7 @@ def unavailable_reason() -> Optional[str]:
     reason = _triton_import_error()
     if reason:
         return reason
-    if not _interpreting() and not torch.cuda.is_available():
+    if not interpreting() and not torch.cuda.is_available():
         return "no CUDA device and TRITON_INTERPRET unset"
     return None
 
@@ -86,13 +83,13 @@ INTERPRETER_TILES = dict(stats=dict(BLOCK_N=4, BLOCK_V=16, num_warps=1),
 
 
 def tiles() -> dict:
-    return INTERPRETER_TILES if _interpreting() else GPU_TILES
+    return INTERPRETER_TILES if interpreting() else GPU_TILES
 
 
 def chunk_columns(tokens: int, vocab: int, block: int) -> int:
     """Vc: as many columns as the scratch budget allows for `tokens` rows, a multiple of the
     column tile, at least one tile, at most the vocabulary."""
-    budget = INTERPRETER_SCRATCH_ELEMENTS if _interpreting() else SCRATCH_ELEMENTS
+    budget = INTERPRETER_SCRATCH_ELEMENTS if interpreting() else SCRATCH_ELEMENTS
     columns = max(block, budget // max(tokens, 1) // block * block)
     return min(columns, -(-vocab // block) * block)
 
@@ -240,8 +237,8 @@ def backward(grad_loss, x, table, bias, targets, stats, spec: LMHeadSpec):
     return grad_x.to(x.dtype), grad_table, grad_bias
 
 
-register(HeadBackend(name="triton", priority=INTERPRETER_PRIORITY if _interpreting() else PRIORITY,
-                     devices=("cuda", "cpu") if _interpreting() else ("cuda",),
+register(HeadBackend(name="triton", priority=INTERPRETER_PRIORITY if interpreting() else PRIORITY,
+                     devices=("cuda", "cpu") if interpreting() else ("cuda",),
                      dtypes=(torch.float32, torch.bfloat16, torch.float16),
                      forward=forward, backward=backward, unavailable_reason=unavailable_reason,
                      input_reasons=input_reasons))
