@@ -41,11 +41,6 @@ def backward(grad_loss, x, table, bias, targets, stats, spec: LMHeadSpec):
                                                              *_scalars(spec, x, table)))
 
 
-def workspace_bytes(tokens: int, width: int, vocab: int, spec: LMHeadSpec, dtype: torch.dtype) -> int:
-    """Scratch bytes the fused kernels allocate for one call (bounded independently of vocab)."""
-    return int(torch.ops.define_kernels_C.lm_head_workspace_bytes(tokens, width, vocab, spec.augmented, dtype))
-
-
 register(HeadBackend(name="cpu_cpp", priority=10, devices=("cpu",),
                      dtypes=(torch.float32, torch.bfloat16, torch.float16),
                      forward=forward, backward=backward, unavailable_reason=_unavailable,
