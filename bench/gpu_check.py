@@ -102,7 +102,7 @@ def stages(py: str, prefix: Path, dry_run: bool) -> List[Stage]:
         memcheck = [small]  # the plumbing only: no compute-sanitizer on CPU
         bench = [[py, "-m", "bench.run", "--device", "cpu", "--dtypes", "float32", "--reps", "1", "--warmup", "1",
                   "--workload", TINY, "--tokens", "256", "--providers", "embedding,embedding-sparse,define-torch",
-                  "--corpus", corpus(), "--no-plots", "--no-progress", "--csv", f"{prefix}_bench.csv"]]
+                  "--corpus", corpus(), "--no-plots", "--no-progress", "--no-model", "--csv", f"{prefix}_bench.csv"]]
         sanitizer_skip = None
         lm_head_env = {**env, "TRITON_INTERPRET": "1"}  # CPU tensors: Triton's interpreter
     else:
@@ -112,10 +112,11 @@ def stages(py: str, prefix: Path, dry_run: bool) -> List[Stage]:
                      py, "-m", "bench.gpu_correctness", "--small", "--backends", backend]
                     for backend in ("cuda", "triton")] if sanitizer else []
         sanitizer_skip = None if sanitizer else "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
-        # one run per workload, each writing its CSV: a timeout loses only the workload it cut
+        # one run per workload, each writing its CSV: a timeout loses only the workload it cut; the
+        # whole-model comparison (CPU-only, minutes) is left out: the lm-head stage times the head
         bench = [[py, "-m", "bench.run", "--device", "cuda", "--dtypes", "bfloat16", "--reps", "10",
                   "--warmup", "2", "--workload", workload, "--tokens", "16384", "--corpus", corpus(),
-                  "--providers", PROVIDERS, "--compile-mode", "default", "--no-progress", "--no-plots",
+                  "--providers", PROVIDERS, "--compile-mode", "default", "--no-progress", "--no-plots", "--no-model",
                   "--csv", f"{prefix}_bench_{workload}.csv"] for workload in WORKLOADS.split(",")]
         lm_head_env = env
     return [

@@ -5,6 +5,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from bench import gpu_check
 
 
@@ -63,3 +65,13 @@ def test_budgets_fit_the_total_and_the_lm_head_dry_run_is_interpreted(tmp_path):
     gpu = {s.name: s for s in gpu_check.stages(sys.executable, tmp_path / "p", False)}["lm-head"]
     assert "TRITON_INTERPRET" not in gpu.env and not any("--dry-run" in c for c in gpu.commands)
     assert [c[c.index("--parts") + 1] for c in gpu.commands] == ["correctness", "timing"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_benchmark_stage_leaves_the_whole_model_out(tmp_path, dry_run):
+    # the whole-model comparison takes minutes on the CPU; the stage's budget is for bench.run's
+    # input-layer rows, and the lm-head stage times the head
+    bench = next(s for s in gpu_check.stages(sys.executable, tmp_path / "x", dry_run) if s.name == "benchmark")
+    assert bench.commands
+    for command in bench.commands:
+        assert "bench.run" in command and "--no-model" in command
