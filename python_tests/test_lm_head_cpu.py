@@ -136,6 +136,50 @@ def test_random_configs(seed):
           compute)
 
 
+# Several token chunks and vocabulary tiles of the 16-bit kernels (brgemm chunks of 128 tokens,
+# tiles of 256 columns), odd everything, on both 16-bit paths: brgemm (oneDNN on, where the CPU
+# packs the dtype) and ATen GEMMs (oneDNN off).
+MULTI_CHUNK = [
+    # tokens, width, vocab, x dtype, table dtype, bias, pad, smoothing, z_loss, augmented, kl_coef, tau, compute
+    (301, 37, 777, torch.bfloat16, torch.float32, True, 600, 0.1, 1e-3, True, 0.5, 2.0, torch.bfloat16),
+    (257, 64, 513, torch.bfloat16, torch.bfloat16, False, -1, 0.0, 0.0, False, 0.0, 1.0, torch.bfloat16),
+    (129, 9, 255, torch.float32, torch.float32, True, 0, 0.2, 0.0, False, 0.0, 1.0, torch.bfloat16),
+    (200, 21, 300, torch.float16, torch.float32, True, 5, 0.0, 1e-3, True, 1.0, 0.7, torch.float16),
+]
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("case", MULTI_CHUNK)
+def test_16bit_paths_over_chunks_and_tiles(case, onednn):
+    tokens, width, vocab, xd, td, with_bias, pad, eps, zl, aug, kc, tau, compute = case
+    rng = random.Random(hash(case) & 0xFFFF)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        check(make_case(rng, tokens, width, vocab, xd, td, with_bias, pad, aug), pad, eps, zl, aug, kc, tau, compute)
+
+
+def test_16bit_paths_agree_and_brgemm_keeps_fp32_logits():
+    """Where the CPU packs bf16 (AMX), the brgemm path differs from the ATen one (its logits never
+    round to bf16), and both are within the bf16 tolerance of each other."""
+    size = ops().lm_head_workspace_bytes
+    with torch.backends.mkldnn.flags(enabled=False):
+        aten_bytes = size(300, 64, 1000, False, torch.bfloat16)
+    if size(300, 64, 1000, False, torch.bfloat16) == aten_bytes:
+        pytest.skip("this CPU's oneDNN does not pack bf16 for brgemm: the ATen path runs either way")
+    rng = random.Random(11)
+    x, table, bias, targets, grad = make_case(rng, 300, 64, 1000, torch.bfloat16, torch.float32, True, -1, False)
+    x = x * 8  # large logits: bf16-rounded logits would move the loss visibly
+    args = (x, table, bias, targets, -1, 0.0, 0.0, False, 0.0, 1.0, grad, torch.bfloat16)
+    brgemm = run(*args)
+    with torch.backends.mkldnn.flags(enabled=False):
+        aten = run(*args)
+    exact = reference(*args[:-1], torch.float64)[0][0]
+    gemm_only = reference(x.float(), table.bfloat16().float(), bias, targets, -1, 0.0, 0.0, False, 0.0, 1.0, grad,
+                          torch.float64)[0][0]
+    # the brgemm loss is the exact loss of the bf16-rounded inputs up to fp32 accumulation
+    assert (brgemm[0][0].double() - gemm_only).abs().max() < 1e-3
+    assert (aten[0][0].double() - exact).abs().max() > (brgemm[0][0].double() - gemm_only).abs().max()
+
+
 def test_non_contiguous_x_and_bf16_bias():
     rng = random.Random(7)
     x, table, bias, targets, grad = make_case(rng, 20, 12, 300, torch.float32, torch.float32, True, -1, False)

@@ -13,7 +13,11 @@
 // (fp32) and the partials are summed in partition order at the end.
 // All scratch lives in one pooled buffer laid out by Layout, whose size lm_head_workspace_bytes
 // reports: it grows with T and the thread count, never with V.
+// This is the ATen path. 16-bit compute on a CPU with AMX takes the brgemm path instead
+// (lm_head_brgemm.cpp: token chunks, fp32 logits kept in L2); torch.backends.mkldnn.enabled =
+// False keeps this one.
 #include "buffer_pool.h"
+#include "lm_head_brgemm.h"
 #include "lm_head_epilogue.h"
 
 #include <define_kernels/checks.h>
@@ -88,13 +92,6 @@ at::Tensor slot_view(const at::Tensor& ws, int64_t at, int64_t rows, int64_t col
   const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(type));
   return ws.narrow(0, at, bytes).view(type).view({rows, cols});
 }
-
-struct Args {
-  int64_t tokens, width, vocab, pad;
-  bool augmented;
-  at::ScalarType compute;
-  Coefs coefs;
-};
 
 bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
@@ -240,26 +237,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_head_forward_cpu(
   at::Tensor loss = at::empty({a.tokens}, f32), ce = at::empty({a.tokens}, f32);
   at::Tensor kl = at::zeros({a.tokens}, f32), stats = at::zeros({a.tokens, 3}, f32);
   if (a.tokens == 0) return {loss, ce, kl, stats};
-  const Prepared p = prepare(a, x, table, bias, targets);
-  const int64_t* y = p.targets.data_ptr<int64_t>();
-  const auto stats_of = [&](int64_t part) {
-    return Stats::at(reinterpret_cast<float*>(p.ws.data_ptr<uint8_t>() + p.layout.part(part) + p.layout.stats),
-                     a.tokens);
-  };
-  at::parallel_for(0, p.parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      const Stats st = stats_of(part);
-      st.reset(a.tokens);
-      for_each_tile(p, part, [&](const Tile& t) {
-        LM_DISPATCH(a.compute, "lm_head_forward_tile", [&] {
-          forward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
-                       t.bias, a.tokens, t.cols, t.v0, y, 0, a.coefs.inv_tau, st);
+  at::Tensor merged;  // [Stats::kCount, T]: every partition's statistics merged
+  if (brgemm_path::usable(a.compute)) {
+    merged = brgemm_path::forward(a, x, table, bias.has_value() ? *bias : at::Tensor(), targets, partitions());
+  } else {
+    const Prepared p = prepare(a, x, table, bias, targets);
+    const int64_t* y = p.targets.data_ptr<int64_t>();
+    const auto stats_of = [&](int64_t part) {
+      return Stats::at(reinterpret_cast<float*>(p.ws.data_ptr<uint8_t>() + p.layout.part(part) + p.layout.stats),
+                       a.tokens);
+    };
+    at::parallel_for(0, p.parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) {
+        const Stats st = stats_of(part);
+        st.reset(a.tokens);
+        for_each_tile(p, part, [&](const Tile& t) {
+          LM_DISPATCH(a.compute, "lm_head_forward_tile", [&] {
+            forward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
+                         t.bias, a.tokens, t.cols, t.v0, y, 0, a.coefs.inv_tau, st);
+          });
         });
-      });
-    }
-  });
-  const Stats total = stats_of(0);
-  for (int64_t part = 1; part < p.parts; ++part) merge_stats(total, stats_of(part), a.tokens, a.coefs.inv_tau, a.augmented);
+      }
+    });
+    for (int64_t part = 1; part < p.parts; ++part)
+      merge_stats(stats_of(0), stats_of(part), a.tokens, a.coefs.inv_tau, a.augmented);
+    merged = p.ws.narrow(0, p.layout.part(0) + p.layout.stats, Stats::kCount * a.tokens * 4).view(at::kFloat);
+  }
+  const Stats total = Stats::at(merged.data_ptr<float>(), a.tokens);
   const Coefs& c = a.coefs;
   float *lo = loss.data_ptr<float>(), *ce_out = ce.data_ptr<float>(), *kl_out = kl.data_ptr<float>();
   float* st_out = stats.data_ptr<float>();
@@ -302,8 +306,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
     grad_bias.zero_();
     return {at::zeros(x.sizes(), x.options()), grad_table, grad_bias};
   }
-  const Prepared p = prepare(a, x, table, bias, targets);
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
+  if (brgemm_path::usable(a.compute)) {
+    const at::Tensor dx = brgemm_path::backward(a, x, table, bias.has_value() ? *bias : at::Tensor(), targets, g, st,
+                                                grad_table, grad_bias, partitions());
+    if (a.pad >= 0) grad_table.select(0, a.pad).zero_();
+    return {dx.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true), grad_table, grad_bias};
+  }
+  const Prepared p = prepare(a, x, table, bias, targets);
   const int64_t* y = p.targets.data_ptr<int64_t>();
   uint8_t* ws = p.ws.data_ptr<uint8_t>();
   const bool table_in_compute = table.scalar_type() == a.compute;
@@ -318,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
         LM_DISPATCH(a.compute, "lm_head_backward_tile", [&] {
           backward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
                         t.bias, a.tokens, t.cols, t.v0, y, g.data_ptr<float>(), st.data_ptr<float>(), 0,
-                        a.coefs, sums);
+                        a.coefs, sums, t.z.data_ptr<scalar_t>(), t.cols);
         });
         if (grad_bias.numel())
           grad_bias.narrow(0, t.v0, t.cols).copy_(at::from_blob(sums, {t.cols}, p.ws.options().dtype(at::kFloat)));
@@ -353,6 +363,7 @@ int64_t lm_head_workspace_bytes(int64_t tokens, int64_t width, int64_t vocab, bo
   LM_CHECK(is_float_type(compute_dtype), "compute_dtype", "must be float32, bfloat16 or float16, got ",
            compute_dtype);
   if (tokens == 0) return 0;
+  if (brgemm_path::usable(compute_dtype)) return brgemm_path::workspace_bytes(tokens, width, augmented, partitions());
   return make_layout(tokens, width, augmented, compute_dtype, partitions()).total;
 }
 

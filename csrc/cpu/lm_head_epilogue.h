@@ -155,13 +155,14 @@ struct Coefs {
   int64_t vocab;
 };
 
-// dz in place over the tile (rows = tokens t0 + i): dz = g [(1 + 2 λ lse) p - (1 - ε)[v = y]
-// - ε/V + (α/τ)(q - ỹ)], then col_sums[j] += Σ_i dz_ij (the bias gradient, in row order).
-// stats rows are (lse, lse(z/τ), lse(s)) per token; s is the GEMM u·E_v as in forward_tile.
-template <typename Z>
-void backward_tile(Z* z, const Z* s, int64_t ld, const float* bias, int64_t rows, int64_t cols,
+// dz over the tile (rows = tokens t0 + i) into out (row stride ld_out; may be z itself):
+// dz = g [(1 + 2 λ lse) p - (1 - ε)[v = y] - ε/V + (α/τ)(q - ỹ)], then col_sums[j] += Σ_i dz_ij
+// (the bias gradient, in row order). stats rows are (lse, lse(z/τ), lse(s)) per token; s is the
+// GEMM u·E_v as in forward_tile.
+template <typename Z, typename Out>
+void backward_tile(const Z* z, const Z* s, int64_t ld, const float* bias, int64_t rows, int64_t cols,
                    int64_t v0, const int64_t* targets, const float* grad, const float* stats,
-                   int64_t t0, const Coefs& c, float* col_sums) {
+                   int64_t t0, const Coefs& c, float* col_sums, Out* out_base, int64_t ld_out) {
   float r[kMaxTileCols];
   const float uniform = c.smoothing / static_cast<float>(c.vocab);
   const float kl_scale = c.kl_coef * c.inv_tau;
@@ -183,11 +184,11 @@ void backward_tile(Z* z, const Z* s, int64_t ld, const float* bias, int64_t rows
     }
     const int64_t y = targets[t] - v0;
     if (y >= 0 && y < cols) r[y] -= g * (1.0f - c.smoothing);
-    Z* out = z + i * ld;
+    Out* out = out_base + i * ld_out;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
       col_sums[j] += r[j];
-      out[j] = to_storage<Z>(r[j]);
+      out[j] = to_storage<Out>(r[j]);
     }
   }
 }
