@@ -21,6 +21,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstdint>
 
 namespace define_kernels::cpu::lm_head::brgemm_path {
 namespace {
@@ -135,18 +136,19 @@ void pack_table(H* out, const at::Tensor& table, int64_t v0, int64_t cols, int64
   });
 }
 
-// out = VNNI of dz [rows_even, cols] (row stride ld): out[i/2][j][i%2] = dz[i][j].
+// out = VNNI of dz [rows_even, cols] (row stride ld): out[i/2][j][i%2] = dz[i][j], one 32-bit
+// word per row pair and column (the 16-bit values as raw bits, so the loop vectorizes).
 template <typename H>
 void pack_rows(H* out, const H* dz, int64_t rows_even, int64_t cols, int64_t ld) {
+  static_assert(sizeof(H) == 2, "16-bit compute only");
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(dz);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
   for (int64_t i = 0; i < rows_even; i += 2) {
-    const H* r0 = dz + i * ld;
-    const H* r1 = r0 + ld;
-    H* dst = out + (i >> 1) * cols * 2;
+    const uint16_t* r0 = src + i * ld;
+    const uint16_t* r1 = r0 + ld;
+    uint32_t* d = dst + (i >> 1) * cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      dst[2 * j] = r0[j];
-      dst[2 * j + 1] = r1[j];
-    }
+    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<uint32_t>(r0[j]) | (static_cast<uint32_t>(r1[j]) << 16);
   }
 }
 
