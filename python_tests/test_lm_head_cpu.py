@@ -157,6 +157,15 @@ def test_16bit_paths_over_chunks_and_tiles(case, onednn):
         check(make_case(rng, tokens, width, vocab, xd, td, with_bias, pad, aug), pad, eps, zl, aug, kc, tau, compute)
 
 
+@pytest.mark.parametrize("tokens,width,vocab", [(1, 1, 1), (2, 2, 2), (3, 3, 17), (127, 1, 3), (128, 2, 257),
+                                                (129, 3, 256), (1, 130, 1)])
+def test_16bit_edge_sizes(tokens, width, vocab):
+    # one-row / one-column GEMMs, odd K padded to even, a chunk or tile of exactly one element
+    rng = random.Random(tokens * 1000 + width * 10 + vocab)
+    case = make_case(rng, tokens, width, vocab, torch.bfloat16, torch.float32, True, vocab - 1, vocab > 2)
+    check(case, vocab - 1, 0.1, 1e-3, vocab > 2, 0.5, 2.0, torch.bfloat16)
+
+
 def test_16bit_paths_agree_and_brgemm_keeps_fp32_logits():
     """Where the CPU packs bf16 (AMX), the brgemm path differs from the ATen one (its logits never
     round to bf16), and both are within the bf16 tolerance of each other."""
