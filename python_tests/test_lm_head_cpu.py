@@ -137,8 +137,8 @@ def test_random_configs(seed):
 
 
 # Several token chunks and vocabulary tiles of the 16-bit kernels (brgemm chunks of 128 tokens,
-# tiles of 256 columns), odd everything, on both 16-bit paths: brgemm (oneDNN on, where the CPU
-# packs the dtype) and ATen GEMMs (oneDNN off).
+# tiles of 256 columns), odd everything, on both paths: brgemm (bf16 with oneDNN on, where the
+# CPU packs bf16) and ATen GEMMs (oneDNN off, and fp16 always).
 MULTI_CHUNK = [
     # tokens, width, vocab, x dtype, table dtype, bias, pad, smoothing, z_loss, augmented, kl_coef, tau, compute
     (301, 37, 777, torch.bfloat16, torch.float32, True, 600, 0.1, 1e-3, True, 0.5, 2.0, torch.bfloat16),

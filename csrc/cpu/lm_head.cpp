@@ -13,7 +13,7 @@
 // (fp32) and the partials are summed in partition order at the end.
 // All scratch lives in one pooled buffer laid out by Layout, whose size lm_head_workspace_bytes
 // reports: it grows with T and the thread count, never with V.
-// This is the ATen path. 16-bit compute on a CPU with AMX takes the brgemm path instead
+// This is the ATen path. bf16 compute on a CPU with AMX takes the brgemm path instead
 // (lm_head_brgemm.cpp: token chunks, fp32 logits kept in L2); torch.backends.mkldnn.enabled =
 // False keeps this one.
 #include "buffer_pool.h"

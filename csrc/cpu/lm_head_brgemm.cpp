@@ -1,4 +1,4 @@
-// The fused LM-head loss with 16-bit compute on brgemm micro-kernels (lm_head_brgemm.h).
+// The fused LM-head loss with bf16 compute on brgemm micro-kernels (lm_head_brgemm.h).
 //
 // Same partitioning as the ATen path of lm_head.cpp (a contiguous range of vocabulary tiles per
 // thread, fixed at the call's thread count, so results are reproducible), but inside a tile the
@@ -7,7 +7,7 @@
 // matrix that the epilogue has to fetch from L3 or memory. The micro-kernels take B in the VNNI
 // layout (pairs of K rows interleaved, [K/2][N][2]); K must be even, so widths and token counts
 // are padded with zeros to even sizes. Per tile and chunk, backward:
-//   z   = x Eᵀ                      (fp32, recomputed)   → dz (16-bit, epilogue)
+//   z   = x Eᵀ                      (fp32, recomputed)   → dz (bf16, epilogue)
 //   dx += dz E                       accumulated in fp32 in the partition's partial
 //   gEᵀ += xᵀ dz                     accumulated in fp32 over the chunks, written once per tile.
 #include "lm_head_brgemm.h"
@@ -41,7 +41,7 @@ int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; 
 
 // Byte offsets in the workspace. Shared: x [Tp, np], xᵀ [np, Tp] and u [T, np] (the targets' rows
 // of E) in the compute dtype, zero-padded (Tp, np: T and the width rounded up to even). Per
-// partition: packed Eᵀ and E tiles, a chunk's z and s (fp32), dz and its packed copy (16-bit),
+// partition: packed Eᵀ and E tiles, a chunk's z and s (fp32), dz and its packed copy (bf16),
 // gEᵀ [np, kCols] (fp32), bias and column sums [kCols], statistics [Stats::kCount, T] and the
 // grad_x partial [T, np] (fp32).
 struct Layout {
@@ -301,7 +301,8 @@ at::Tensor backward_impl(const Args& a, const at::Tensor& x, const at::Tensor& t
 }  // namespace
 
 bool usable(at::ScalarType compute) {
-  if (compute != at::kBFloat16 && compute != at::kHalf) return false;
+  // bf16 only: fp16 brgemm needs AMX-FP16, which no machine this was tested on has
+  if (compute != at::kBFloat16) return false;
   return at::globalContext().userEnabledMkldnn() && cpublas::could_pack(compute);
 }
 
@@ -311,17 +312,15 @@ int64_t workspace_bytes(int64_t tokens, int64_t width, bool augmented, int64_t p
 
 at::Tensor forward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
                    const at::Tensor& targets, int64_t partitions) {
-  return AT_DISPATCH_REDUCED_FLOATING_TYPES(a.compute, "lm_head_brgemm_forward", [&] {
-    return forward_impl<scalar_t>(a, x, table, bias, targets, partitions);
-  });
+  TORCH_CHECK(usable(a.compute), "lm_head brgemm path: compute dtype ", a.compute, " is not supported here");
+  return forward_impl<at::BFloat16>(a, x, table, bias, targets, partitions);
 }
 
 at::Tensor backward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
                     const at::Tensor& targets, const at::Tensor& grad, const at::Tensor& stats,
                     at::Tensor& grad_table, at::Tensor& grad_bias, int64_t partitions) {
-  return AT_DISPATCH_REDUCED_FLOATING_TYPES(a.compute, "lm_head_brgemm_backward", [&] {
-    return backward_impl<scalar_t>(a, x, table, bias, targets, grad, stats, grad_table, grad_bias, partitions);
-  });
+  TORCH_CHECK(usable(a.compute), "lm_head brgemm path: compute dtype ", a.compute, " is not supported here");
+  return backward_impl<at::BFloat16>(a, x, table, bias, targets, grad, stats, grad_table, grad_bias, partitions);
 }
 
 }  // namespace define_kernels::cpu::lm_head::brgemm_path

@@ -1,4 +1,4 @@
-// The 16-bit compute path of the fused LM-head loss (lm_head.cpp) on oneDNN's brgemm
+// The bf16 compute path of the fused LM-head loss (lm_head.cpp) on oneDNN's brgemm
 // micro-kernels (AMX on CPUs that have it): the GEMMs run on token chunks of a vocabulary tile so
 // that their fp32 output is still in L2 when the epilogue reads it, and gradients accumulate in
 // fp32 without a 16-bit product in between.
@@ -22,8 +22,8 @@ struct Args {
 
 namespace brgemm_path {
 
-// Whether this path runs for `compute`: 16-bit compute on a CPU whose brgemm packs that dtype
-// (AMX), unless torch.backends.mkldnn.enabled is False (read per call).
+// Whether this path runs for `compute`: bf16 compute on a CPU whose brgemm packs bf16 (AMX),
+// unless torch.backends.mkldnn.enabled is False (read per call).
 bool usable(at::ScalarType compute);
 
 // Scratch bytes of one call (never grows with the vocabulary).
