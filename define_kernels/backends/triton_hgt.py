@@ -9,12 +9,12 @@ backend="triton" asks for the interpreter explicitly.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
+import importlib
 from typing import List, Optional
 
 import torch
 
+from . import triton_launch
 from .registry import Backend, OpInputs, register_backend
 from .triton_launch import interpreting
 # The launch-level names bench/resource_report.py reads from this module.
@@ -33,26 +33,9 @@ def _priority() -> int:
     return INTERPRETER_PRIORITY if interpreting() else PRIORITY
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_import_error() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return ("triton not installed (CUDA builds of torch bring it; on CPU: pip install "
-                "'define-kernels[triton]' for the interpreter)")
-    try:
-        import triton  # noqa: F401
-        from .triton_kernels import backward, forward  # noqa: F401
-    except Exception as error:  # a broken install must not break the registry
-        return f"triton import failed: {type(error).__name__}: {error}"
-    return None
-
-
 def unavailable_reason() -> Optional[str]:
-    reason = _triton_import_error()
-    if reason:
-        return reason
-    if not interpreting() and not torch.cuda.is_available():
-        return "no CUDA device and TRITON_INTERPRET unset"
-    return None
+    return triton_launch.unavailable_reason(__package__ + ".triton_kernels.forward",
+                                            __package__ + ".triton_kernels.backward")
 
 
 def input_reasons(inputs: OpInputs) -> List[str]:

@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.util
+from typing import Optional, Tuple
 
 import torch
 
@@ -63,6 +66,31 @@ from .triton_layout import _dropout_args, layer_dropout_args, packed_params, sta
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1): pinned tiles, no autotune."""
     return env.flag("TRITON_INTERPRET")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(kernel_modules: Tuple[str, ...]) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ("triton not installed (CUDA builds of torch bring it; on CPU: pip install "
+                "'define-kernels[triton]' for the interpreter)")
+    try:
+        for module in kernel_modules:
+            importlib.import_module(module)
+    except Exception as error:  # a broken install must not break the registry
+        return f"triton import failed: {type(error).__name__}: {error}"
+    return None
+
+
+def unavailable_reason(*kernel_modules: str) -> Optional[str]:
+    """Why a Triton backend whose kernels live in `kernel_modules` cannot run here (None if it
+    can): triton missing or failing to import them, or neither a CUDA device nor the interpreter.
+    The import is tried once per process; the device check on every call."""
+    reason = _import_error(kernel_modules)
+    if reason:
+        return reason
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA device and TRITON_INTERPRET unset"
+    return None
 
 
 # ------------------------------------------------------------------------------- tile configs

@@ -26,14 +26,13 @@ picks the interpreter. Importing this module does not import triton; first use d
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import math
 import os
 from typing import List, Optional
 
 import torch
 
+from ..backends import triton_launch
 from ..backends.triton_launch import interpreting
 from .contract import LMHeadSpec, STATS
 from .registry import HeadBackend, register
@@ -44,24 +43,8 @@ SCRATCH_ELEMENTS = 1 << 26             # [N, Vc] logits per chunk on a GPU
 INTERPRETER_SCRATCH_ELEMENTS = 1 << 10  # small chunks: the tests cross chunk edges at tiny V
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_import_error() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton not installed (CUDA builds of torch bring it)"
-    try:
-        from . import triton_kernels  # noqa: F401
-    except Exception as error:  # a broken install must not break the registry
-        return f"triton import failed: {type(error).__name__}: {error}"
-    return None
-
-
 def unavailable_reason() -> Optional[str]:
-    reason = _triton_import_error()
-    if reason:
-        return reason
-    if not interpreting() and not torch.cuda.is_available():
-        return "no CUDA device and TRITON_INTERPRET unset"
-    return None
+    return triton_launch.unavailable_reason(__package__ + ".triton_kernels")
 
 
 def input_reasons(x, table, spec: LMHeadSpec) -> List[str]:
