@@ -343,3 +343,49 @@ def test_transformer_heads_under_bf16_autocast(variant):
         fused = model(inputs, targets)[1]
         model.head = "logits"
         assert abs(float(model(inputs, targets)[1]) - float(fused)) < 0.05 * float(fused)
+
+
+def test_throughput_pairs_variants_round_by_round(tmp_path, one_thread):
+    """bench.lm.throughput at toy size: every variant timed in every round, the rotation of the
+    order, ratios against the first variant from the same rounds, and the CSV it writes."""
+    from bench import report as bench_report
+    from bench.lm import throughput
+    order = []
+    real_trainer = throughput.trainer
+
+    def spying_trainer(dataset, variant, train_args, seed=0):
+        run = real_trainer(dataset, variant, train_args, seed)
+        step = run.step
+
+        def counted():
+            order.append(variant)
+            return step()
+
+        run.step = counted
+        return run
+
+    extra = ["--", "--data-dir", str(ptb_dir()), "--preset", "transformer", "--model", "transformer", "--layers",
+             "1", "--emb-dim", "16", "--hidden", "16", "--heads", "2", "--map-dim", "8", "--expand-dim", "24",
+             "--depth", "2", "--max-groups", "2", "--batch-size", "4", "--bptt", "8"]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(throughput, "trainer", spying_trainer)
+    try:
+        path = throughput.main(["--dataset", "ptb", "--variants", "tied_unfused,define", "--rounds", "3",
+                                "--steps", "2", "--csv", str(tmp_path / "t.csv"), *extra])
+    finally:
+        monkey.undo()
+    warm = 2 * throughput.WARMUP_STEPS
+    timed = order[warm:]
+    # round 1: tied_unfused first; round 2: define first; round 3: tied_unfused first again
+    assert timed == ["tied_unfused"] * 2 + ["define"] * 4 + ["tied_unfused"] * 4 + ["define"] * 2
+    rows = {(r["provider"], r["metric"]): r for r in bench_report.read_csv([path])}
+    step = {v: float(rows[(v, "seconds_per_step")]["value"]) for v in ("tied_unfused", "define")}
+    assert float(rows[("define", "time_ratio")]["value"]) == pytest.approx(step["define"] / step["tied_unfused"], rel=1e-3)
+    paired = rows[("define", "time_ratio_same_round")]
+    assert float(paired["p20"]) <= float(paired["value"]) <= float(paired["p80"])
+    assert 0 < float(rows[("define", "params_ratio")]["value"]) < 1
+    epoch = float(rows[("define", "seconds_per_epoch")]["value"])
+    assert epoch == pytest.approx(len(data.load_corpus("ptb", str(ptb_dir())).train) / 32 * step["define"], rel=1e-3)
+    assert ("tied_unfused", "time_ratio") not in rows
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--variants", "define"])
