@@ -4,7 +4,10 @@ round), so drift in the machine's speed reaches all variants alike. The suite's 
 comes from runs minutes apart, often on a loaded machine; this is the side-by-side measurement of
 the wall-clock goal (DeFINE + fused head per epoch against the unfused tied baseline).
 
-    python -m bench.lm.throughput --dataset wt2 --variants tied_unfused,define --rounds 7 -- --preset transformer
+    python -m bench.lm.throughput --dataset wt2 --variants tied_unfused,define --rounds 7
+    python -m bench.lm.throughput --variants tied_unfused,define -- --preset transformer --model transformer --layers 2
+
+Train arguments after `--` replace the default, the suite's Transformer (bench/lm/suite.py MODELS).
 
 Per variant: median step time over all rounds (p20-p80), tokens/s, seconds per training epoch of
 the dataset, parameters; against the first variant: the ratio of the medians and the median
@@ -26,6 +29,7 @@ from .. import report
 from ..timing import quantile
 from .calibrate import trainer
 from .data import load_corpus
+from .suite import MODELS
 
 WARMUP_STEPS = 3
 
@@ -107,7 +111,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     if len(args.variants) < 2 or args.rounds < 1 or args.steps < 1:
         p.error("--variants needs two or more names; --rounds and --steps at least 1")
-    args.train_args = [a for a in args.train_args if a != "--"]
+    args.train_args = [a for a in args.train_args if a != "--"] or list(MODELS["transformer"]["args"])
     return args
 
 
