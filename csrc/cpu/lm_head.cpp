@@ -328,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
         LM_DISPATCH(a.compute, "lm_head_backward_tile", [&] {
           backward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
                         t.bias, a.tokens, t.cols, t.v0, y, g.data_ptr<float>(), st.data_ptr<float>(), 0,
-                        a.coefs, sums, t.z.data_ptr<scalar_t>(), t.cols);
+                        a.coefs, grad_bias.numel() ? sums : nullptr, t.z.data_ptr<scalar_t>(), t.cols);
         });
         if (grad_bias.numel())
           grad_bias.narrow(0, t.v0, t.cols).copy_(at::from_blob(sums, {t.cols}, p.ws.options().dtype(at::kFloat)));

@@ -265,7 +265,8 @@ at::Tensor backward_impl(const Args& a, const at::Tensor& x, const at::Tensor& t
           const int64_t rows = std::min(kRows, T - t0), rp = even(rows);
           gemm(rows, cols, np, np, cols, false, in.x + t0 * np, b1, z);
           if (s) gemm(rows, cols, np, np, cols, false, in.u + t0 * np, b1, s);
-          backward_tile(z, s, cols, bt, rows, cols, v0, y, g, st, t0, a.coefs, sums, dz, cp);
+          backward_tile(z, s, cols, bt, rows, cols, v0, y, g, st, t0, a.coefs, grad_bias.numel() ? sums : nullptr,
+                        dz, cp);
           // the zero padding the even sizes read: dz's column past an odd tile, its row past an odd chunk
           if (cp != cols)
             for (int64_t i = 0; i < rows; ++i) dz[i * cp + cols] = H(0);

@@ -91,18 +91,24 @@ void forward_tile(const Z* z, const Z* s, int64_t ld, const float* bias, int64_t
     const int64_t t = t0 + i;
     load_row(r, z + i * ld, bias, cols);
     const float m_new = std::max(st.m[t], row_max(r, cols));
-    float sum = 0.0f, sum_z = 0.0f;
+    float sum = 0.0f, sum_z = 0.0f, sum_q = 0.0f;
+    if (s) {
+#pragma omp simd reduction(+ : sum, sum_z, sum_q)
+      for (int64_t j = 0; j < cols; ++j) {
+        sum += exp_vectorizable(r[j] - m_new);
+        sum_q += exp_vectorizable((r[j] - m_new) * inv_tau);
+        sum_z += r[j];
+      }
+    } else {
 #pragma omp simd reduction(+ : sum, sum_z)
-    for (int64_t j = 0; j < cols; ++j) {
-      sum += exp_vectorizable(r[j] - m_new);
-      sum_z += r[j];
+      for (int64_t j = 0; j < cols; ++j) {
+        sum += exp_vectorizable(r[j] - m_new);
+        sum_z += r[j];
+      }
     }
     const int64_t y = targets[t] - v0;
     if (y >= 0 && y < cols) st.zy[t] = r[y];
     if (s) {
-      float sum_q = 0.0f;
-#pragma omp simd reduction(+ : sum_q)
-      for (int64_t j = 0; j < cols; ++j) sum_q += exp_vectorizable((r[j] - m_new) * inv_tau);
       st.lq[t] = st.lq[t] * (st.m[t] == -std::numeric_limits<float>::infinity()
                                  ? 0.0f : std::exp((st.m[t] - m_new) * inv_tau)) + sum_q;
       const Z* srow = s + i * ld;
@@ -157,7 +163,7 @@ struct Coefs {
 
 // dz over the tile (rows = tokens t0 + i) into out (row stride ld_out; may be z itself):
 // dz = g [(1 + 2 λ lse) p - (1 - ε)[v = y] - ε/V + (α/τ)(q - ỹ)], then col_sums[j] += Σ_i dz_ij
-// (the bias gradient, in row order). stats rows are (lse, lse(z/τ), lse(s)) per token; s is the
+// (the bias gradient, in row order; null without a bias). stats rows are (lse, lse(z/τ), lse(s)) per token; s is the
 // GEMM u·E_v as in forward_tile.
 template <typename Z, typename Out>
 void backward_tile(const Z* z, const Z* s, int64_t ld, const float* bias, int64_t rows, int64_t cols,
@@ -185,10 +191,15 @@ void backward_tile(const Z* z, const Z* s, int64_t ld, const float* bias, int64_
     const int64_t y = targets[t] - v0;
     if (y >= 0 && y < cols) r[y] -= g * (1.0f - c.smoothing);
     Out* out = out_base + i * ld_out;
+    if (col_sums) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      col_sums[j] += r[j];
-      out[j] = to_storage<Out>(r[j]);
+      for (int64_t j = 0; j < cols; ++j) {
+        col_sums[j] += r[j];
+        out[j] = to_storage<Out>(r[j]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) out[j] = to_storage<Out>(r[j]);
     }
   }
 }
