@@ -103,8 +103,16 @@ class Plan:
         return list(self.encoded)
 
 
-@functools.lru_cache(maxsize=256)
 def plan(config: "HGTConfig") -> Plan:
+    """The layer plan of `config`, cached per config. Under torch.compile the plan is built in
+    the trace instead: Dynamo does not use a function's cache (it traces the function and warns
+    that it ignores the cache), and the plan is constant for the graph either way."""
+    if torch.compiler.is_compiling():
+        return _build_plan(config)
+    return _cached_plan(config)
+
+
+def _build_plan(config: "HGTConfig") -> Plan:
     layers, offset = [], 0
     for index, spec in enumerate(config.layers):
         layer = LayerPlan(index, spec.in_features, spec.out_features, spec.groups,
@@ -114,6 +122,9 @@ def plan(config: "HGTConfig") -> Plan:
         layers.append(layer)
         offset += layer.num_params
     return Plan(tuple(layers), config.input_width, config.in_dim)
+
+
+_cached_plan = functools.lru_cache(maxsize=256)(_build_plan)
 
 
 def decode(layers: Sequence[int], input_width: int, allow_in_proj: bool = True) -> Plan:
