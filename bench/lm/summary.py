@@ -182,6 +182,24 @@ def markdown(summary: list, verdicts: list, title: str) -> str:
     return "\n".join(lines)
 
 
+def label_offsets(axis, points: list, gap: float = 10.0, near: float = 70.0) -> list:
+    """(name, x, y, lift): each point's label raised `lift` points above the point, so that labels
+    of points within `near` points of each other horizontally stand at least `gap` points apart
+    (variants of equal size and close perplexity otherwise print over each other)."""
+    axis.autoscale_view()
+    per_point = axis.figure.dpi / 72.0
+    placed, out = [], []
+    for name, x, y in sorted(points, key=lambda point: point[2]):
+        px, py = axis.transData.transform((x, y))
+        label = py + 3 * per_point
+        for other_x, other_label in placed:
+            if abs(other_x - px) < near * per_point:
+                label = max(label, other_label + gap * per_point)
+        placed.append((px, label))
+        out.append((name, x, y, (label - py) / per_point))
+    return out
+
+
 def plot(rows: list, summary: list, curves: list, path: Path) -> Path:
     """Left: test perplexity (mean, 95% interval) against parameters; right: validation
     perplexity against training seconds, one line per run; one row of panels per dataset."""
@@ -194,13 +212,16 @@ def plot(rows: list, summary: list, curves: list, path: Path) -> Path:
     colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     figure, axes = plt.subplots(len(datasets), 2, figsize=(13, 4.8 * len(datasets)), squeeze=False)
     for (left, right), dataset in zip(axes, datasets):
+        left.set(xlabel="parameters (M, total)", ylabel="test perplexity (mean, 95% interval)", yscale="log",
+                 title=f"{dataset}: perplexity vs parameters")
+        points = [(s["variant"], s["params_total"] / 1e6, s["test_ppl_mean"])
+                  for s in summary if s["dataset"] == dataset]
         for s in (s for s in summary if s["dataset"] == dataset):
             x, y = s["params_total"] / 1e6, s["test_ppl_mean"]
             error = None if math.isnan(s["test_ppl_low"]) else [[y - s["test_ppl_low"]], [s["test_ppl_high"] - y]]
             left.errorbar(x, y, yerr=error, fmt="o", color=colors[s["variant"]], capsize=3)
-            left.annotate(s["variant"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        left.set(xlabel="parameters (M, total)", ylabel="test perplexity (mean, 95% interval)", yscale="log",
-                 title=f"{dataset}: perplexity vs parameters")
+        for variant, x, y, lift in label_offsets(left, points):
+            left.annotate(variant, (x, y), textcoords="offset points", xytext=(4, lift), fontsize=8)
         seen = set()
         for run in curves:
             if run["dataset"] != dataset:

@@ -389,3 +389,21 @@ def test_throughput_pairs_variants_round_by_round(tmp_path, one_thread):
     assert ("tied_unfused", "time_ratio") not in rows
     with pytest.raises(SystemExit):
         throughput.parse_args(["--variants", "define"])
+
+
+def test_summary_labels_of_close_points_stand_apart():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from bench.lm.summary import label_offsets
+    figure, axis = plt.subplots()
+    axis.set_yscale("log")
+    points = [("a", 5.7, 597.0), ("b", 5.7, 599.0), ("c", 5.7, 616.0), ("far", 20.0, 598.0), ("top", 11.7, 865.0)]
+    axis.plot([p[1] for p in points], [p[2] for p in points], "o")
+    result = label_offsets(axis, points)
+    placed = {name: axis.transData.transform((x, y))[1] / figure.dpi * 72 + lift for name, x, y, lift in result}
+    lifts = {name: lift for name, _, _, lift in result}
+    plt.close(figure)
+    assert placed["b"] - placed["a"] >= 10 - 1e-6 and placed["c"] - placed["b"] >= 10 - 1e-6
+    assert lifts["a"] == pytest.approx(3) and lifts["far"] == pytest.approx(3) and lifts["top"] == pytest.approx(3)
+    assert lifts["b"] > 3
