@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -195,25 +195,36 @@ def auto_order(device: torch.device, dtype: torch.dtype) -> List[Backend]:
     return ordered
 
 
+def pick(name: str, registry: dict, candidates: Iterable, reasons_of: Callable[[object], List[str]],
+         what: str = "backend"):
+    """The backend `name` from `registry`, raising BackendUnavailableError with its reasons when it
+    cannot run; for 'auto', the first of `candidates` (in order) without reasons. Shared by the
+    registries of every op; `what` names the op's backends in the errors."""
+    if name != AUTO:
+        backend = registry[name]
+        reasons = reasons_of(backend)
+        if reasons:
+            raise BackendUnavailableError(f"{what} {name!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    skipped = []
+    for backend in candidates:
+        reasons = reasons_of(backend)
+        if not reasons:
+            if skipped:
+                logger.debug("auto %s %s; skipped %s", what, backend.name, skipped)
+            return backend
+        skipped.append((backend.name, reasons))
+    raise BackendUnavailableError(f"no {what} can run these inputs: {skipped}")
+
+
 def select(requested: str, inputs: OpInputs, policy: str = RECOMPUTE) -> Backend:
     """The backend that runs these inputs: the requested one, or by measurement and priority for
     'auto'."""
     name = check_backend_name(requested)
     if name == AUTO:
         name = get_backend()
-    if name != AUTO:
-        backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(inputs, policy) or first_use_check.reasons(backend, inputs)
-        if reasons:
-            raise BackendUnavailableError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
-        return backend
-    skipped = []
-    for backend in auto_order(inputs.x.device, inputs.x.dtype):
-        reasons = backend.not_supported_reasons(inputs, policy) or first_use_check.reasons(backend, inputs)
-        if not reasons:
-            if skipped:
-                logger.debug("auto backend %s; skipped %s", backend.name, skipped)
-            return backend
-        skipped.append((backend.name, reasons))
-    raise BackendUnavailableError(f"no backend can run these inputs: {skipped}")
+    candidates = auto_order(inputs.x.device, inputs.x.dtype) if name == AUTO else ()
+    return pick(name, _REGISTRY, candidates,
+                lambda backend: backend.not_supported_reasons(inputs, policy)
+                or first_use_check.reasons(backend, inputs))
 

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..backends import BackendUnavailableError
+from ..backends.registry import pick
 from .contract import LMHeadSpec
 
 AUTO = "auto"
@@ -90,17 +90,6 @@ def available() -> List[str]:
 
 
 def select(name: str, x: torch.Tensor, table: torch.Tensor, spec: LMHeadSpec) -> HeadBackend:
-    if check_name(name) != AUTO:
-        backend = _REGISTRY[name]
-        reasons = backend.reasons(x, table, spec)
-        if reasons:
-            raise BackendUnavailableError(f"LM-head backend {name!r} cannot run these inputs: "
-                                          + "; ".join(reasons))
-        return backend
-    skipped = []
-    for backend in by_priority():
-        reasons = backend.reasons(x, table, spec)
-        if not reasons:
-            return backend
-        skipped.append((backend.name, reasons))
-    raise BackendUnavailableError(f"no LM-head backend can run these inputs: {skipped}")
+    check_name(name)
+    return pick(name, _REGISTRY, by_priority() if name == AUTO else (),
+                lambda backend: backend.reasons(x, table, spec), what="LM-head backend")
