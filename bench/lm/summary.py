@@ -214,12 +214,12 @@ def plot(rows: list, summary: list, curves: list, path: Path) -> Path:
     for (left, right), dataset in zip(axes, datasets):
         left.set(xlabel="parameters (M, total)", ylabel="test perplexity (mean, 95% interval)", yscale="log",
                  title=f"{dataset}: perplexity vs parameters")
-        points = [(s["variant"], s["params_total"] / 1e6, s["test_ppl_mean"])
-                  for s in summary if s["dataset"] == dataset]
+        points = []
         for s in (s for s in summary if s["dataset"] == dataset):
             x, y = s["params_total"] / 1e6, s["test_ppl_mean"]
             error = None if math.isnan(s["test_ppl_low"]) else [[y - s["test_ppl_low"]], [s["test_ppl_high"] - y]]
             left.errorbar(x, y, yerr=error, fmt="o", color=colors[s["variant"]], capsize=3)
+            points.append((s["variant"], x, y))
         for variant, x, y, lift in label_offsets(left, points):
             left.annotate(variant, (x, y), textcoords="offset points", xytext=(4, lift), fontsize=8)
         seen = set()

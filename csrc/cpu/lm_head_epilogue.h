@@ -163,8 +163,8 @@ struct Coefs {
 
 // dz over the tile (rows = tokens t0 + i) into out (row stride ld_out; may be z itself):
 // dz = g [(1 + 2 λ lse) p - (1 - ε)[v = y] - ε/V + (α/τ)(q - ỹ)], then col_sums[j] += Σ_i dz_ij
-// (the bias gradient, in row order; null without a bias). stats rows are (lse, lse(z/τ), lse(s)) per token; s is the
-// GEMM u·E_v as in forward_tile.
+// (the bias gradient, in row order; col_sums is null without a bias). stats rows are (lse,
+// lse(z/τ), lse(s)) per token; s is the GEMM u·E_v as in forward_tile.
 template <typename Z, typename Out>
 void backward_tile(const Z* z, const Z* s, int64_t ld, const float* bias, int64_t rows, int64_t cols,
                    int64_t v0, const int64_t* targets, const float* grad, const float* stats,
