@@ -166,6 +166,22 @@ def test_16bit_edge_sizes(tokens, width, vocab):
     check(case, vocab - 1, 0.1, 1e-3, vocab > 2, 0.5, 2.0, torch.bfloat16)
 
 
+# Logits that rise tile by tile by more than the forward epilogue's slack (20; 10 for q at τ = 0.5)
+# must be summed again against the new maximum, not overflow exp; falling logits keep the first
+# tile's reference. Steps of 25 every 100 ids cross every tile boundary of every path.
+@pytest.mark.parametrize("compute,onednn", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)],
+                         ids=["fp32", "bf16-onednn", "bf16-aten"])
+@pytest.mark.parametrize("rising", [True, False], ids=["rising", "falling"])
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_logits_far_above_the_first_tiles(compute, onednn, rising, tau):
+    rng = random.Random(17)
+    x, table, _, targets, grad = make_case(rng, 70, 19, 1500, compute, torch.float32, True, -1, True)
+    steps = 25.0 * torch.div(torch.arange(1500), 100, rounding_mode="floor")
+    bias = steps if rising else steps.flip(0)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        check((x, table, bias, targets, grad), -1, 0.1, 1e-4, True, 0.5, tau, compute)
+
+
 def test_16bit_paths_agree_and_brgemm_keeps_fp32_logits():
     """Where the CPU packs bf16 (AMX), the brgemm path differs from the ATen one (its logits never
     round to bf16), and both are within the bf16 tolerance of each other."""

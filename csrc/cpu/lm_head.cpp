@@ -51,14 +51,16 @@ constexpr int64_t kAlign = 64;      // bytes: every workspace slot starts on a c
 
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-// Byte offsets of the workspace slots. Shared: x and u (the targets' rows of E) in the compute
-// dtype. Per partition: z and s tiles [T, cols] (compute), the E tile and the grad_table
-// tile [cols, n] (compute), bias tile and column sums [cols] (fp32), statistics
-// [Stats::kCount, T] (fp32), the grad_x partial [T, n] (fp32) and, for 16-bit compute, the
-// GEMM's [T, n] output before it is added to the partial.
+// Byte offsets of the workspace slots. Shared: x and u (the distinct targets' rows of E, at most
+// T) in the compute dtype, lse(s/τ) per distinct target (fp32). Per partition: z and s tiles
+// [T, cols] (compute), the target rows y of the augmented loss [T, cols] (fp32; s itself for fp32
+// compute) and their rescale factors [T], the E tile and the grad_table tile [cols, n]
+// (compute), bias tile and column sums [cols] (fp32), statistics [Stats::kCount, T] (fp32), the
+// grad_x partial [T, n] (fp32) and, for 16-bit compute, the GEMM's [T, n] output before it is
+// added to the partial.
 struct Layout {
-  int64_t x = 0, u = 0, part0 = 0, per_part = 0, total = 0;
-  int64_t z = 0, s = 0, e = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0, dx16 = 0;
+  int64_t x = 0, u = 0, lse_s = 0, part0 = 0, per_part = 0, total = 0;
+  int64_t z = 0, s = 0, y = 0, scale = 0, e = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0, dx16 = 0;
   int64_t part(int64_t p) const { return part0 + p * per_part; }
 };
 
@@ -69,10 +71,13 @@ Layout make_layout(int64_t tokens, int64_t width, bool augmented, at::ScalarType
   const auto slot = [&](int64_t bytes) { const int64_t at = off; off += aligned(bytes); return at; };
   L.x = slot(tokens * width * cs);
   L.u = slot(augmented ? tokens * width * cs : 0);
+  L.lse_s = slot(augmented ? tokens * fs : 0);
   L.part0 = off;
   off = 0;
   L.z = slot(tokens * cols * cs);
   L.s = slot(augmented ? tokens * cols * cs : 0);
+  L.y = compute == at::kFloat ? L.s : slot(augmented ? tokens * cols * fs : 0);
+  L.scale = slot(augmented ? tokens * fs : 0);
   L.e = slot(cols * width * cs);
   L.gt = slot(cols * width * cs);
   L.bias = slot(cols * fs);
@@ -167,13 +172,17 @@ struct Prepared {
   Args args;
   Layout layout;
   at::Tensor ws, x, table, bias, targets, u;  // x, u: compute dtype, in ws
+  const DistinctTargets* distinct = nullptr;  // augmented only
   int64_t parts = 1, tile_cols = 0, tiles = 0;
+
+  float* f32(int64_t offset) const { return reinterpret_cast<float*>(ws.data_ptr<uint8_t>() + offset); }
 };
 
 Prepared prepare(const Args& args, const at::Tensor& x, const at::Tensor& table,
-                 const c10::optional<at::Tensor>& bias, const at::Tensor& targets) {
+                 const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const DistinctTargets& distinct) {
   Prepared p;
   p.args = args;
+  p.distinct = &distinct;
   p.parts = partitions();
   p.tile_cols = tile_cols(args.compute);
   p.tiles = (args.vocab + p.tile_cols - 1) / p.tile_cols;
@@ -185,8 +194,8 @@ Prepared prepare(const Args& args, const at::Tensor& x, const at::Tensor& table,
   p.x = slot_view(p.ws, p.layout.x, args.tokens, args.width, args.compute);
   p.x.copy_(x);
   if (args.augmented) {
-    p.u = slot_view(p.ws, p.layout.u, args.tokens, args.width, args.compute);
-    copy_rows(p.u, p.table, p.targets.data_ptr<int64_t>(), 0, args.tokens, args.pad);
+    p.u = slot_view(p.ws, p.layout.u, distinct.count(), args.width, args.compute);
+    copy_rows(p.u, p.table, distinct.ids.data(), 0, distinct.count(), args.pad);
   }
   return p;
 }
@@ -195,7 +204,7 @@ Prepared prepare(const Args& args, const at::Tensor& x, const at::Tensor& table,
 // of the tile are computed.
 struct Tile {
   int64_t v0, cols;
-  at::Tensor e, z, s;     // e [cols, n] (pad row zero), z / s [T, cols] compute dtype
+  at::Tensor e, z, s;     // e [cols, n] (pad row zero), z [T, cols], s [distinct targets, cols]: compute dtype
   const float* bias;      // [cols] fp32 or null
 };
 
@@ -214,7 +223,7 @@ void for_each_tile(const Prepared& p, int64_t part, Body&& body) {
     t.z = slot_view(p.ws, base + p.layout.z, a.tokens, t.cols, a.compute);
     at::mm_out(t.z, p.x, t.e.t());
     if (a.augmented) {
-      t.s = slot_view(p.ws, base + p.layout.s, a.tokens, t.cols, a.compute);
+      t.s = slot_view(p.ws, base + p.layout.s, p.distinct->count(), t.cols, a.compute);
       at::mm_out(t.s, p.u, t.e.t());
     }
     t.bias = nullptr;
@@ -227,6 +236,17 @@ void for_each_tile(const Prepared& p, int64_t part, Body&& body) {
   }
 }
 
+// The augmented loss's rows of a tile for its token epilogue: s's rows turned into the forward's
+// or backward's y (target_forward_tile / target_backward_tile); empty without the loss.
+template <typename Fill>
+TargetRows target_rows(const Prepared& p, int64_t part, const Tile& t, Fill&& fill) {
+  if (!p.args.augmented) return {};
+  const int64_t base = p.layout.part(part);
+  float *y = p.f32(base + p.layout.y), *scale = p.f32(base + p.layout.scale);
+  LM_DISPATCH(p.args.compute, "lm_head_target_tile", [&] { fill(t.s.data_ptr<scalar_t>(), y, scale); });
+  return {y, t.cols, p.distinct->of_token.data(), scale};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_head_forward_cpu(
     const at::Tensor& x, const at::Tensor& table, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t padding_idx, double label_smoothing, double z_loss, bool augmented,
@@ -237,30 +257,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_head_forward_cpu(
   at::Tensor loss = at::empty({a.tokens}, f32), ce = at::empty({a.tokens}, f32);
   at::Tensor kl = at::zeros({a.tokens}, f32), stats = at::zeros({a.tokens, 3}, f32);
   if (a.tokens == 0) return {loss, ce, kl, stats};
+  const at::Tensor y_all = targets.contiguous();
+  const DistinctTargets distinct(y_all.data_ptr<int64_t>(), a.augmented ? a.tokens : 0);
   at::Tensor merged;  // [Stats::kCount, T]: every partition's statistics merged
   if (brgemm_path::usable(a.compute)) {
-    merged = brgemm_path::forward(a, x, table, bias.has_value() ? *bias : at::Tensor(), targets, partitions());
+    merged = brgemm_path::forward(a, x, table, bias.has_value() ? *bias : at::Tensor(), y_all, distinct,
+                                  partitions());
   } else {
-    const Prepared p = prepare(a, x, table, bias, targets);
+    const Prepared p = prepare(a, x, table, bias, y_all, distinct);
     const int64_t* y = p.targets.data_ptr<int64_t>();
     const auto stats_of = [&](int64_t part) {
-      return Stats::at(reinterpret_cast<float*>(p.ws.data_ptr<uint8_t>() + p.layout.part(part) + p.layout.stats),
-                       a.tokens);
+      return Stats::at(p.f32(p.layout.part(part) + p.layout.stats), a.tokens);
     };
     at::parallel_for(0, p.parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t part = begin; part < end; ++part) {
         const Stats st = stats_of(part);
         st.reset(a.tokens);
         for_each_tile(p, part, [&](const Tile& t) {
+          const TargetRows tr = target_rows(p, part, t, [&](const auto* s, float* out, float* scale) {
+            target_forward_tile(s, t.cols, distinct.count(), t.cols, 0, a.coefs.inv_tau, st, scale, out);
+          });
           LM_DISPATCH(a.compute, "lm_head_forward_tile", [&] {
-            forward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
-                         t.bias, a.tokens, t.cols, t.v0, y, 0, a.coefs.inv_tau, st);
+            forward_tile(t.z.data_ptr<scalar_t>(), t.cols, t.bias, a.tokens, t.cols, t.v0, y, 0, a.coefs.inv_tau,
+                         tr, st);
           });
         });
       }
     });
     for (int64_t part = 1; part < p.parts; ++part)
-      merge_stats(stats_of(0), stats_of(part), a.tokens, a.coefs.inv_tau, a.augmented);
+      merge_stats(stats_of(0), stats_of(part), a.tokens, distinct.count(), distinct.of_token.data(),
+                  a.coefs.inv_tau, a.augmented);
     merged = p.ws.narrow(0, p.layout.part(0) + p.layout.stats, Stats::kCount * a.tokens * 4).view(at::kFloat);
   }
   const Stats total = Stats::at(merged.data_ptr<float>(), a.tokens);
@@ -274,11 +300,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lm_head_forward_cpu(
     float kl_t = 0.0f;
     st_out[3 * t] = lse;
     if (a.augmented) {
-      const float lse_q = total.m[t] * c.inv_tau + std::log(total.lq[t]);
-      const float lse_s = total.ms[t] + std::log(total.ls[t]);
-      kl_t = total.a[t] / total.ls[t] - lse_s + lse_q;
-      st_out[3 * t + 1] = lse_q;
-      st_out[3 * t + 2] = lse_s;
+      const KlParts parts = kl_parts(total, t, distinct.of_token[t], c.inv_tau);
+      kl_t = parts.kl;
+      st_out[3 * t + 1] = parts.lse_q;
+      st_out[3 * t + 2] = parts.lse_s;
       kl_out[t] = kl_t;
     }
     lo[t] = ce_out[t] + c.z_loss * lse * lse + c.kl_coef * kl_t;
@@ -306,16 +331,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
     grad_bias.zero_();
     return {at::zeros(x.sizes(), x.options()), grad_table, grad_bias};
   }
-  const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
+  const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous(), y_all = targets.contiguous();
+  const DistinctTargets distinct(y_all.data_ptr<int64_t>(), a.augmented ? a.tokens : 0);
   if (brgemm_path::usable(a.compute)) {
-    const at::Tensor dx = brgemm_path::backward(a, x, table, bias.has_value() ? *bias : at::Tensor(), targets, g, st,
-                                                grad_table, grad_bias, partitions());
+    const at::Tensor dx = brgemm_path::backward(a, x, table, bias.has_value() ? *bias : at::Tensor(), y_all,
+                                                distinct, g, st, grad_table, grad_bias, partitions());
     if (a.pad >= 0) grad_table.select(0, a.pad).zero_();
     return {dx.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true), grad_table, grad_bias};
   }
-  const Prepared p = prepare(a, x, table, bias, targets);
+  const Prepared p = prepare(a, x, table, bias, y_all, distinct);
   const int64_t* y = p.targets.data_ptr<int64_t>();
   uint8_t* ws = p.ws.data_ptr<uint8_t>();
+  float* lse_s = p.f32(p.layout.lse_s);
+  if (a.augmented) distinct.per_target(st.data_ptr<float>() + 2, 3, lse_s);
   const bool table_in_compute = table.scalar_type() == a.compute;
   at::parallel_for(0, p.parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
@@ -325,10 +353,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
       float* sums = reinterpret_cast<float*>(ws + base + p.layout.sums);
       for_each_tile(p, part, [&](const Tile& t) {
         std::fill(sums, sums + t.cols, 0.0f);
+        const TargetRows tr = target_rows(p, part, t, [&](const auto* s, float* out, float*) {
+          target_backward_tile(s, t.cols, distinct.count(), t.cols, 0, a.coefs.inv_tau, lse_s, out);
+        });
         LM_DISPATCH(a.compute, "lm_head_backward_tile", [&] {
-          backward_tile(t.z.data_ptr<scalar_t>(), a.augmented ? t.s.data_ptr<scalar_t>() : nullptr, t.cols,
-                        t.bias, a.tokens, t.cols, t.v0, y, g.data_ptr<float>(), st.data_ptr<float>(), 0,
-                        a.coefs, grad_bias.numel() ? sums : nullptr, t.z.data_ptr<scalar_t>(), t.cols);
+          backward_tile(t.z.data_ptr<scalar_t>(), t.cols, t.bias, a.tokens, t.cols, t.v0, y, g.data_ptr<float>(),
+                        st.data_ptr<float>(), 0, a.coefs, tr, grad_bias.numel() ? sums : nullptr,
+                        t.z.data_ptr<scalar_t>(), t.cols);
         });
         if (grad_bias.numel())
           grad_bias.narrow(0, t.v0, t.cols).copy_(at::from_blob(sums, {t.cols}, p.ws.options().dtype(at::kFloat)));

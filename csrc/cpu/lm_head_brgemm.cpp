@@ -39,14 +39,15 @@ constexpr int64_t kAlign = 64;
 int64_t even(int64_t v) { return (v + 1) / 2 * 2; }
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-// Byte offsets in the workspace. Shared: x [Tp, np], xᵀ [np, Tp] and u [T, np] (the targets' rows
-// of E) in the compute dtype, zero-padded (Tp, np: T and the width rounded up to even). Per
-// partition: packed Eᵀ and E tiles, a chunk's z and s (fp32), dz and its packed copy (bf16),
-// gEᵀ [np, kCols] (fp32), bias and column sums [kCols], statistics [Stats::kCount, T] and the
-// grad_x partial [T, np] (fp32).
+// Byte offsets in the workspace. Shared: x [Tp, np], xᵀ [np, Tp] and u [T, np] (the distinct
+// targets' rows of E, at most T) in the compute dtype, zero-padded (Tp, np: T and the width
+// rounded up to even), lse(s/τ) per distinct target (fp32). Per partition: packed Eᵀ and E tiles,
+// a chunk's z (fp32), the augmented loss's target rows of the tile [T, kCols] and their rescale
+// factors [T] (fp32), dz and its packed copy (bf16), gEᵀ [np, kCols] (fp32), bias and column sums
+// [kCols], statistics [Stats::kCount, T] and the grad_x partial [T, np] (fp32).
 struct Layout {
-  int64_t x = 0, xt = 0, u = 0, part0 = 0, per_part = 0, total = 0;
-  int64_t b1 = 0, b2 = 0, z = 0, s = 0, dz = 0, dzp = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0;
+  int64_t x = 0, xt = 0, u = 0, lse_s = 0, part0 = 0, per_part = 0, total = 0;
+  int64_t b1 = 0, b2 = 0, z = 0, y = 0, scale = 0, dz = 0, dzp = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0;
   int64_t part(int64_t p) const { return part0 + p * per_part; }
 };
 
@@ -58,12 +59,14 @@ Layout make_layout(int64_t tokens, int64_t width, bool augmented, int64_t partit
   L.x = slot(tp * np * h);
   L.xt = slot(np * tp * h);
   L.u = slot(augmented ? tokens * np * h : 0);
+  L.lse_s = slot(augmented ? tokens * f : 0);
   L.part0 = off;
   off = 0;
   L.b1 = slot(np * kCols * h);
   L.b2 = slot(kCols * np * h);
   L.z = slot(kRows * kCols * f);
-  L.s = slot(augmented ? kRows * kCols * f : 0);
+  L.y = slot(augmented ? tokens * kCols * f : 0);
+  L.scale = slot(augmented ? tokens * f : 0);
   L.dz = slot(kRows * kCols * h);
   L.dzp = slot(kRows * kCols * h);
   L.gt = slot(np * kCols * f);
@@ -162,6 +165,13 @@ const float* bias_tile(const at::Tensor& bias, int64_t v0, int64_t cols, float* 
   return buf;
 }
 
+// C [rows, cols] (row stride ldc) = (or +=) A [rows, k] (row stride lda) · packed B [k, cols].
+template <typename H>
+void gemm(int64_t rows, int64_t cols, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const H* a, const H* b,
+          float* c) {
+  cpublas::brgemm(rows, cols, k, lda, cols, ldc, accumulate, a, b, c);
+}
+
 // The inputs every tile reads, in the workspace.
 template <typename H>
 struct Inputs {
@@ -171,7 +181,7 @@ struct Inputs {
   int64_t np = 0, tp = 0, tiles = 0;
 
   Inputs(const Args& a, const at::Tensor& x_in, const at::Tensor& table_in, const at::Tensor& bias_in,
-         const at::Tensor& targets_in, int64_t parts, bool transposed) {
+         const at::Tensor& targets_in, const DistinctTargets& distinct, int64_t parts, bool transposed) {
     L = make_layout(a.tokens, a.width, a.augmented, parts);
     ws = pooled_rows(1, L.total, x_in.options().dtype(at::kByte)).view({-1});
     table = table_in.contiguous();
@@ -190,23 +200,31 @@ struct Inputs {
     }
     if (a.augmented) {
       u = at_offset<H>(base, L.u);
-      copy_padded(u, table, targets.data_ptr<int64_t>(), a.tokens, a.tokens, a.width, np, a.pad);
+      copy_padded(u, table, distinct.ids.data(), distinct.count(), distinct.count(), a.width, np, a.pad);
     }
   }
   uint8_t* part(int64_t p) const { return ws.data_ptr<uint8_t>() + L.part(p); }
 };
 
-// C [rows, cols] (row stride ldc) = (or +=) A [rows, k] (row stride lda) · packed B [k, cols].
-template <typename H>
-void gemm(int64_t rows, int64_t cols, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const H* a, const H* b,
-          float* c) {
-  cpublas::brgemm(rows, cols, k, lda, cols, ldc, accumulate, a, b, c);
+// The augmented loss's rows of one tile (fp32, row stride cols) for every distinct target:
+// s = u E_tileᵀ in chunks of kRows targets, each turned into y in place by fill(rows, first).
+template <typename H, typename Fill>
+TargetRows target_rows(const Inputs<H>& in, const DistinctTargets& distinct, uint8_t* pb, const H* b1, int64_t cols,
+                       Fill&& fill) {
+  if (!in.u) return {};
+  float* y = at_offset<float>(pb, in.L.y);
+  for (int64_t d0 = 0; d0 < distinct.count(); d0 += kRows) {
+    const int64_t rows = std::min(kRows, distinct.count() - d0);
+    gemm(rows, cols, in.np, in.np, cols, false, in.u + d0 * in.np, b1, y + d0 * cols);
+    fill(y + d0 * cols, rows, d0);
+  }
+  return {y, cols, distinct.of_token.data(), at_offset<float>(pb, in.L.scale)};
 }
 
 template <typename H>
 at::Tensor forward_impl(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                        const at::Tensor& targets, int64_t parts) {
-  const Inputs<H> in(a, x, table, bias, targets, parts, /*transposed=*/false);
+                        const at::Tensor& targets, const DistinctTargets& distinct, int64_t parts) {
+  const Inputs<H> in(a, x, table, bias, targets, distinct, parts, /*transposed=*/false);
   const Layout& L = in.L;
   const int64_t T = a.tokens, np = in.np;
   const int64_t* y = in.targets.template data_ptr<int64_t>();
@@ -217,42 +235,48 @@ at::Tensor forward_impl(const Args& a, const at::Tensor& x, const at::Tensor& ta
       const Stats st = stats_of(part);
       st.reset(T);
       H* b1 = at_offset<H>(pb, L.b1);
-      float *z = at_offset<float>(pb, L.z), *s = a.augmented ? at_offset<float>(pb, L.s) : nullptr;
+      float* z = at_offset<float>(pb, L.z);
+      float* scale = at_offset<float>(pb, L.scale);
       for (int64_t tile = part * in.tiles / parts; tile < (part + 1) * in.tiles / parts; ++tile) {
         const int64_t v0 = tile * kCols, cols = std::min(kCols, a.vocab - v0);
         pack_table_t(b1, in.table, v0, cols, a.width, np, a.pad);
         const float* bt = bias_tile(in.bias, v0, cols, at_offset<float>(pb, L.bias));
+        const TargetRows tr = target_rows(in, distinct, pb, b1, cols, [&](float* s, int64_t rows, int64_t d0) {
+          target_forward_tile(s, cols, rows, cols, d0, a.coefs.inv_tau, st, scale, s);
+        });
         for (int64_t t0 = 0; t0 < T; t0 += kRows) {
           const int64_t rows = std::min(kRows, T - t0);
           gemm(rows, cols, np, np, cols, false, in.x + t0 * np, b1, z);
-          if (s) gemm(rows, cols, np, np, cols, false, in.u + t0 * np, b1, s);
-          forward_tile(z, s, cols, bt, rows, cols, v0, y, t0, a.coefs.inv_tau, st);
+          forward_tile(z, cols, bt, rows, cols, v0, y, t0, a.coefs.inv_tau, tr, st);
         }
       }
       cpublas::brgemm_release();
     }
   });
   const Stats total = stats_of(0);
-  for (int64_t part = 1; part < parts; ++part) merge_stats(total, stats_of(part), T, a.coefs.inv_tau, a.augmented);
+  for (int64_t part = 1; part < parts; ++part)
+    merge_stats(total, stats_of(part), T, distinct.count(), distinct.of_token.data(), a.coefs.inv_tau, a.augmented);
   // a view into the workspace: it holds the pooled buffer until the caller is done with it
   return in.ws.narrow(0, L.part(0) + L.stats, Stats::kCount * T * 4).view(at::kFloat);
 }
 
 template <typename H>
 at::Tensor backward_impl(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                         const at::Tensor& targets, const at::Tensor& grad, const at::Tensor& stats,
-                         at::Tensor& grad_table, at::Tensor& grad_bias, int64_t parts) {
-  const Inputs<H> in(a, x, table, bias, targets, parts, /*transposed=*/true);
+                         const at::Tensor& targets, const DistinctTargets& distinct, const at::Tensor& grad,
+                         const at::Tensor& stats, at::Tensor& grad_table, at::Tensor& grad_bias, int64_t parts) {
+  const Inputs<H> in(a, x, table, bias, targets, distinct, parts, /*transposed=*/true);
   const Layout& L = in.L;
   const int64_t T = a.tokens, n = a.width, np = in.np, tp = in.tp;
   const int64_t* y = in.targets.template data_ptr<int64_t>();
   const float *g = grad.data_ptr<float>(), *st = stats.data_ptr<float>();
+  float* lse_s = at_offset<float>(in.ws.template data_ptr<uint8_t>(), L.lse_s);
+  if (a.augmented) distinct.per_target(st + 2, 3, lse_s);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       uint8_t* pb = in.part(part);
       H *b1 = at_offset<H>(pb, L.b1), *b2 = at_offset<H>(pb, L.b2);
       H *dz = at_offset<H>(pb, L.dz), *dzp = at_offset<H>(pb, L.dzp);
-      float *z = at_offset<float>(pb, L.z), *s = a.augmented ? at_offset<float>(pb, L.s) : nullptr;
+      float* z = at_offset<float>(pb, L.z);
       float *gt = at_offset<float>(pb, L.gt), *sums = at_offset<float>(pb, L.sums), *dx = at_offset<float>(pb, L.dx);
       std::fill(dx, dx + T * np, 0.0f);
       for (int64_t tile = part * in.tiles / parts; tile < (part + 1) * in.tiles / parts; ++tile) {
@@ -261,11 +285,13 @@ at::Tensor backward_impl(const Args& a, const at::Tensor& x, const at::Tensor& t
         pack_table(b2, in.table, v0, cols, n, np, a.pad);
         const float* bt = bias_tile(in.bias, v0, cols, at_offset<float>(pb, L.bias));
         std::fill(sums, sums + cols, 0.0f);
+        const TargetRows tr = target_rows(in, distinct, pb, b1, cols, [&](float* s, int64_t rows, int64_t d0) {
+          target_backward_tile(s, cols, rows, cols, d0, a.coefs.inv_tau, lse_s, s);
+        });
         for (int64_t t0 = 0; t0 < T; t0 += kRows) {
           const int64_t rows = std::min(kRows, T - t0), rp = even(rows);
           gemm(rows, cols, np, np, cols, false, in.x + t0 * np, b1, z);
-          if (s) gemm(rows, cols, np, np, cols, false, in.u + t0 * np, b1, s);
-          backward_tile(z, s, cols, bt, rows, cols, v0, y, g, st, t0, a.coefs, grad_bias.numel() ? sums : nullptr,
+          backward_tile(z, cols, bt, rows, cols, v0, y, g, st, t0, a.coefs, tr, grad_bias.numel() ? sums : nullptr,
                         dz, cp);
           // the zero padding the even sizes read: dz's column past an odd tile, its row past an odd chunk
           if (cp != cols)
@@ -312,16 +338,17 @@ int64_t workspace_bytes(int64_t tokens, int64_t width, bool augmented, int64_t p
 }
 
 at::Tensor forward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                   const at::Tensor& targets, int64_t partitions) {
+                   const at::Tensor& targets, const DistinctTargets& distinct, int64_t partitions) {
   TORCH_CHECK(usable(a.compute), "lm_head brgemm path: compute dtype ", a.compute, " is not supported here");
-  return forward_impl<at::BFloat16>(a, x, table, bias, targets, partitions);
+  return forward_impl<at::BFloat16>(a, x, table, bias, targets, distinct, partitions);
 }
 
 at::Tensor backward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                    const at::Tensor& targets, const at::Tensor& grad, const at::Tensor& stats,
-                    at::Tensor& grad_table, at::Tensor& grad_bias, int64_t partitions) {
+                    const at::Tensor& targets, const DistinctTargets& distinct, const at::Tensor& grad,
+                    const at::Tensor& stats, at::Tensor& grad_table, at::Tensor& grad_bias, int64_t partitions) {
   TORCH_CHECK(usable(a.compute), "lm_head brgemm path: compute dtype ", a.compute, " is not supported here");
-  return backward_impl<at::BFloat16>(a, x, table, bias, targets, grad, stats, grad_table, grad_bias, partitions);
+  return backward_impl<at::BFloat16>(a, x, table, bias, targets, distinct, grad, stats, grad_table, grad_bias,
+                                     partitions);
 }
 
 }  // namespace define_kernels::cpu::lm_head::brgemm_path

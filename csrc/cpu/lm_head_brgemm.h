@@ -31,12 +31,12 @@ int64_t workspace_bytes(int64_t tokens, int64_t width, bool augmented, int64_t p
 
 // The merged per-token statistics, a [Stats::kCount, T] fp32 tensor laid out as Stats::at reads.
 at::Tensor forward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                   const at::Tensor& targets, int64_t partitions);
+                   const at::Tensor& targets, const DistinctTargets& distinct, int64_t partitions);
 
 // Writes grad_table (and grad_bias when it has elements); returns grad_x as a [T, width] fp32 tensor.
 at::Tensor backward(const Args& a, const at::Tensor& x, const at::Tensor& table, const at::Tensor& bias,
-                    const at::Tensor& targets, const at::Tensor& grad, const at::Tensor& stats,
-                    at::Tensor& grad_table, at::Tensor& grad_bias, int64_t partitions);
+                    const at::Tensor& targets, const DistinctTargets& distinct, const at::Tensor& grad,
+                    const at::Tensor& stats, at::Tensor& grad_table, at::Tensor& grad_bias, int64_t partitions);
 
 }  // namespace brgemm_path
 }  // namespace define_kernels::cpu::lm_head
