@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace define_kernels::cpu::lm_head::brgemm_path {
 namespace {
@@ -106,39 +107,6 @@ void copy_padded(H* out, const at::Tensor& in, const int64_t* ids, int64_t rows,
   });
 }
 
-// b1 = VNNI of the tile's Eᵀ [np, cols]: b1[k/2][j][k%2] = E[v0 + j][k] (the padding row zero).
-template <typename H>
-void pack_table_t(H* out, const at::Tensor& table, int64_t v0, int64_t cols, int64_t width, int64_t np, int64_t pad) {
-  LM_DISPATCH_SOURCE(table.scalar_type(), [&] {
-    const scalar_t* src = table.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < cols; ++j) {
-      const bool zero = v0 + j == pad;
-      const scalar_t* row = src + (v0 + j) * width;
-      for (int64_t k = 0; k < np; ++k)
-        out[((k >> 1) * cols + j) * 2 + (k & 1)] =
-            zero || k >= width ? H(0) : to_storage<H>(static_cast<float>(row[k]));
-    }
-  });
-}
-
-// b2 = VNNI of the tile's E [even(cols), np]: b2[j/2][k][j%2] = E[v0 + j][k] (the padding row
-// and the row past an odd tile zero).
-template <typename H>
-void pack_table(H* out, const at::Tensor& table, int64_t v0, int64_t cols, int64_t width, int64_t np, int64_t pad) {
-  LM_DISPATCH_SOURCE(table.scalar_type(), [&] {
-    const scalar_t* src = table.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < even(cols); ++j) {
-      H* dst = out + (j >> 1) * np * 2 + (j & 1);
-      if (j >= cols || v0 + j == pad) {
-        for (int64_t k = 0; k < np; ++k) dst[2 * k] = H(0);
-        continue;
-      }
-      const scalar_t* row = src + (v0 + j) * width;
-      for (int64_t k = 0; k < np; ++k) dst[2 * k] = k >= width ? H(0) : to_storage<H>(static_cast<float>(row[k]));
-    }
-  });
-}
-
 // out = VNNI of dz [rows_even, cols] (row stride ld): out[i/2][j][i%2] = dz[i][j], one 32-bit
 // word per row pair and column (the 16-bit values as raw bits, so the loop vectorizes).
 template <typename H>
@@ -153,6 +121,52 @@ void pack_rows(H* out, const H* dz, int64_t rows_even, int64_t cols, int64_t ld)
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<uint32_t>(r0[j]) | (static_cast<uint32_t>(r1[j]) << 16);
   }
+}
+
+// row [np] = E[v] cast to H (zeros where `zero`, and past width), as 32-bit words of two
+// adjacent columns: the unit both VNNI layouts below move.
+template <typename H, typename S>
+const uint32_t* cast_row(uint32_t* row, const S* table, int64_t v, bool zero, int64_t width, int64_t np) {
+  H* out = reinterpret_cast<H*>(row);
+  if (zero) {
+    std::fill(out, out + np, H(0));
+  } else {
+    const S* in = table + v * width;
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) out[k] = to_storage<H>(static_cast<float>(in[k]));
+    std::fill(out + width, out + np, H(0));
+  }
+  return row;
+}
+
+// b1 = VNNI of the tile's Eᵀ [np, cols]: b1[k/2][j][k%2] = E[v0 + j][k] (the padding row zero).
+template <typename H>
+void pack_table_t(H* out, const at::Tensor& table, int64_t v0, int64_t cols, int64_t width, int64_t np, int64_t pad) {
+  std::vector<uint32_t> buf(np / 2);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  LM_DISPATCH_SOURCE(table.scalar_type(), [&] {
+    const scalar_t* src = table.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < cols; ++j) {
+      const uint32_t* row = cast_row<H>(buf.data(), src, v0 + j, v0 + j == pad, width, np);
+      for (int64_t k = 0; k < np / 2; ++k) dst[k * cols + j] = row[k];
+    }
+  });
+}
+
+// b2 = VNNI of the tile's E [even(cols), np]: b2[j/2][k][j%2] = E[v0 + j][k] (the padding row
+// and the row past an odd tile zero).
+template <typename H>
+void pack_table(H* out, const at::Tensor& table, int64_t v0, int64_t cols, int64_t width, int64_t np, int64_t pad) {
+  static_assert(sizeof(H) == 2, "16-bit compute only");
+  std::vector<uint32_t> buf(np);  // two rows
+  LM_DISPATCH_SOURCE(table.scalar_type(), [&] {
+    const scalar_t* src = table.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < cols; j += 2) {
+      cast_row<H>(buf.data(), src, v0 + j, v0 + j == pad, width, np);
+      cast_row<H>(buf.data() + np / 2, src, v0 + j + 1, j + 1 >= cols || v0 + j + 1 == pad, width, np);
+      pack_rows(out + (j >> 1) * np * 2, reinterpret_cast<const H*>(buf.data()), 2, np, np);
+    }
+  });
 }
 
 // The tile's bias as fp32 in buf (null without a bias).
