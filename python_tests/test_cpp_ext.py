@@ -11,6 +11,7 @@ from define_kernels import backends, contract, functional, reference
 from define_kernels.backends import cpp_build, cpp_ext
 from define_kernels.config import HGTConfig
 from conftest import usable_backend
+from onednn import onednn
 from tolerances import assert_close, assert_close_scaled, assert_low_precision_close
 
 
@@ -97,7 +98,7 @@ def test_every_dtype_and_policy_matches_fp64_reference(name, dtype):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bf16_without_the_fused_bias_gemm_matches_fp64_reference(name):
     """bf16's one-group layers on the path of hosts without oneDNN's fused-bias GEMM."""
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         check_every_gradient(CONFIGS[name], torch.bfloat16)
 
 
@@ -123,7 +124,7 @@ def test_bf16_one_group_layers_use_the_fused_bias_gemm_where_available():
     assert one_group == 2
     assert fused_calls() == (2 * one_group if fused_bias_gemm_expected() else 0)
     assert fused_calls(torch.float32) == 0  # fp32 adds the bias in the epilogue
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         assert fused_calls() == 0
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from define_kernels.backends import cpp_ext
+from onednn import onednn
 from tolerances import assert_close, assert_low_precision_close
 
 pytestmark = pytest.mark.skipif(cpp_ext.unavailable_reason() is not None, reason="define_kernels_C not built")
@@ -148,12 +149,12 @@ MULTI_CHUNK = [
 ]
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("use_onednn", [True, False], ids=["onednn", "aten"])
 @pytest.mark.parametrize("case", MULTI_CHUNK)
-def test_16bit_paths_over_chunks_and_tiles(case, onednn):
+def test_16bit_paths_over_chunks_and_tiles(case, use_onednn):
     tokens, width, vocab, xd, td, with_bias, pad, eps, zl, aug, kc, tau, compute = case
     rng = random.Random(hash(case) & 0xFFFF)
-    with torch.backends.mkldnn.flags(enabled=onednn):
+    with onednn(use_onednn):
         check(make_case(rng, tokens, width, vocab, xd, td, with_bias, pad, aug), pad, eps, zl, aug, kc, tau, compute)
 
 
@@ -169,16 +170,16 @@ def test_16bit_edge_sizes(tokens, width, vocab):
 # Logits that rise tile by tile by more than the forward epilogue's slack (20; 10 for q at τ = 0.5)
 # must be summed again against the new maximum, not overflow exp; falling logits keep the first
 # tile's reference. Steps of 25 every 100 ids cross every tile boundary of every path.
-@pytest.mark.parametrize("compute,onednn", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)],
+@pytest.mark.parametrize("compute,use_onednn", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)],
                          ids=["fp32", "bf16-onednn", "bf16-aten"])
 @pytest.mark.parametrize("rising", [True, False], ids=["rising", "falling"])
 @pytest.mark.parametrize("tau", [0.5, 2.0])
-def test_logits_far_above_the_first_tiles(compute, onednn, rising, tau):
+def test_logits_far_above_the_first_tiles(compute, use_onednn, rising, tau):
     rng = random.Random(17)
     x, table, _, targets, grad = make_case(rng, 70, 19, 1500, compute, torch.float32, True, -1, True)
     steps = 25.0 * torch.div(torch.arange(1500), 100, rounding_mode="floor")
     bias = steps if rising else steps.flip(0)
-    with torch.backends.mkldnn.flags(enabled=onednn):
+    with onednn(use_onednn):
         check((x, table, bias, targets, grad), -1, 0.1, 1e-4, True, 0.5, tau, compute)
 
 
@@ -186,7 +187,7 @@ def test_16bit_paths_agree_and_brgemm_keeps_fp32_logits():
     """Where the CPU packs bf16 (AMX), the brgemm path differs from the ATen one (its logits never
     round to bf16), and both are within the bf16 tolerance of each other."""
     size = ops().lm_head_workspace_bytes
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         aten_bytes = size(300, 64, 1000, False, torch.bfloat16)
     if size(300, 64, 1000, False, torch.bfloat16) == aten_bytes:
         pytest.skip("this CPU's oneDNN does not pack bf16 for brgemm: the ATen path runs either way")
@@ -195,7 +196,7 @@ def test_16bit_paths_agree_and_brgemm_keeps_fp32_logits():
     x = x * 8  # large logits: bf16-rounded logits would move the loss visibly
     args = (x, table, bias, targets, -1, 0.0, 0.0, False, 0.0, 1.0, grad, torch.bfloat16)
     brgemm = run(*args)
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn(False):
         aten = run(*args)
     exact = reference(*args[:-1], torch.float64)[0][0]
     gemm_only = reference(x.float(), table.bfloat16().float(), bias, targets, -1, 0.0, 0.0, False, 0.0, 1.0, grad,
