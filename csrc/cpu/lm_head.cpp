@@ -19,6 +19,7 @@
 #include "buffer_pool.h"
 #include "lm_head_brgemm.h"
 #include "lm_head_epilogue.h"
+#include "lm_head_workspace.h"
 
 #include <define_kernels/checks.h>
 
@@ -47,9 +48,6 @@ namespace {
 // < 512 by 10%).
 int64_t tile_cols(at::ScalarType compute) { return compute == at::kFloat ? 128 : 512; }
 static_assert(kMaxTileCols >= 512, "the epilogues' row buffers hold one tile");
-constexpr int64_t kAlign = 64;      // bytes: every workspace slot starts on a cache line
-
-int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 // Byte offsets of the workspace slots. Shared: x and u (the distinct targets' rows of E, at most
 // T) in the compute dtype, lse(s/τ) per distinct target (fp32). Per partition: z and s tiles
@@ -58,35 +56,31 @@ int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; 
 // (compute), bias tile and column sums [cols] (fp32), statistics [Stats::kCount, T] (fp32), the
 // grad_x partial [T, n] (fp32) and, for 16-bit compute, the GEMM's [T, n] output before it is
 // added to the partial.
-struct Layout {
-  int64_t x = 0, u = 0, lse_s = 0, part0 = 0, per_part = 0, total = 0;
+struct Layout : WorkspaceLayout {
+  int64_t x = 0, u = 0, lse_s = 0;
   int64_t z = 0, s = 0, y = 0, scale = 0, e = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0, dx16 = 0;
-  int64_t part(int64_t p) const { return part0 + p * per_part; }
 };
 
 Layout make_layout(int64_t tokens, int64_t width, bool augmented, at::ScalarType compute, int64_t partitions) {
   const int64_t cs = static_cast<int64_t>(c10::elementSize(compute)), fs = 4, cols = tile_cols(compute);
   Layout L;
-  int64_t off = 0;
-  const auto slot = [&](int64_t bytes) { const int64_t at = off; off += aligned(bytes); return at; };
-  L.x = slot(tokens * width * cs);
-  L.u = slot(augmented ? tokens * width * cs : 0);
-  L.lse_s = slot(augmented ? tokens * fs : 0);
-  L.part0 = off;
-  off = 0;
-  L.z = slot(tokens * cols * cs);
-  L.s = slot(augmented ? tokens * cols * cs : 0);
-  L.y = compute == at::kFloat ? L.s : slot(augmented ? tokens * cols * fs : 0);
-  L.scale = slot(augmented ? tokens * fs : 0);
-  L.e = slot(cols * width * cs);
-  L.gt = slot(cols * width * cs);
-  L.bias = slot(cols * fs);
-  L.sums = slot(cols * fs);
-  L.stats = slot(Stats::kCount * tokens * fs);
-  L.dx = slot(tokens * width * fs);
-  L.dx16 = slot(compute == at::kFloat ? 0 : tokens * width * cs);
-  L.per_part = off;
-  L.total = L.part0 + partitions * L.per_part;
+  SlotPlan plan;
+  L.x = plan.slot(tokens * width * cs);
+  L.u = plan.slot(augmented ? tokens * width * cs : 0);
+  L.lse_s = plan.slot(augmented ? tokens * fs : 0);
+  plan.begin_partition();
+  L.z = plan.slot(tokens * cols * cs);
+  L.s = plan.slot(augmented ? tokens * cols * cs : 0);
+  L.y = compute == at::kFloat ? L.s : plan.slot(augmented ? tokens * cols * fs : 0);
+  L.scale = plan.slot(augmented ? tokens * fs : 0);
+  L.e = plan.slot(cols * width * cs);
+  L.gt = plan.slot(cols * width * cs);
+  L.bias = plan.slot(cols * fs);
+  L.sums = plan.slot(cols * fs);
+  L.stats = plan.slot(Stats::kCount * tokens * fs);
+  L.dx = plan.slot(tokens * width * fs);
+  L.dx16 = plan.slot(compute == at::kFloat ? 0 : tokens * width * cs);
+  plan.finish(L, partitions);
   return L;
 }
 

@@ -13,6 +13,7 @@
 #include "lm_head_brgemm.h"
 
 #include "buffer_pool.h"
+#include "lm_head_workspace.h"
 #include "storage_cast.h"
 
 #include <ATen/Context.h>
@@ -35,10 +36,8 @@ constexpr int64_t kCols = 256;
 constexpr int64_t kRows = 128;  // even, so every chunk starts on a VNNI row pair
 static_assert(kCols <= kMaxTileCols, "the epilogues' row buffers hold one tile");
 static_assert(kRows % 2 == 0, "chunks start on a VNNI row pair");
-constexpr int64_t kAlign = 64;
 
 int64_t even(int64_t v) { return (v + 1) / 2 * 2; }
-int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 // Byte offsets in the workspace. Shared: x [Tp, np], xᵀ [np, Tp] and u [T, np] (the distinct
 // targets' rows of E, at most T) in the compute dtype, zero-padded (Tp, np: T and the width
@@ -46,37 +45,33 @@ int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; 
 // a chunk's z (fp32), the augmented loss's target rows of the tile [T, kCols] and their rescale
 // factors [T] (fp32), dz and its packed copy (bf16), gEᵀ [np, kCols] (fp32), bias and column sums
 // [kCols], statistics [Stats::kCount, T] and the grad_x partial [T, np] (fp32).
-struct Layout {
-  int64_t x = 0, xt = 0, u = 0, lse_s = 0, part0 = 0, per_part = 0, total = 0;
+struct Layout : WorkspaceLayout {
+  int64_t x = 0, xt = 0, u = 0, lse_s = 0;
   int64_t b1 = 0, b2 = 0, z = 0, y = 0, scale = 0, dz = 0, dzp = 0, gt = 0, bias = 0, sums = 0, stats = 0, dx = 0;
-  int64_t part(int64_t p) const { return part0 + p * per_part; }
 };
 
 Layout make_layout(int64_t tokens, int64_t width, bool augmented, int64_t partitions) {
   const int64_t np = even(width), tp = even(tokens), h = 2, f = 4;
   Layout L;
-  int64_t off = 0;
-  const auto slot = [&](int64_t bytes) { const int64_t at = off; off += aligned(bytes); return at; };
-  L.x = slot(tp * np * h);
-  L.xt = slot(np * tp * h);
-  L.u = slot(augmented ? tokens * np * h : 0);
-  L.lse_s = slot(augmented ? tokens * f : 0);
-  L.part0 = off;
-  off = 0;
-  L.b1 = slot(np * kCols * h);
-  L.b2 = slot(kCols * np * h);
-  L.z = slot(kRows * kCols * f);
-  L.y = slot(augmented ? tokens * kCols * f : 0);
-  L.scale = slot(augmented ? tokens * f : 0);
-  L.dz = slot(kRows * kCols * h);
-  L.dzp = slot(kRows * kCols * h);
-  L.gt = slot(np * kCols * f);
-  L.bias = slot(kCols * f);
-  L.sums = slot(kCols * f);
-  L.stats = slot(Stats::kCount * tokens * f);
-  L.dx = slot(tokens * np * f);
-  L.per_part = off;
-  L.total = L.part0 + partitions * L.per_part;
+  SlotPlan plan;
+  L.x = plan.slot(tp * np * h);
+  L.xt = plan.slot(np * tp * h);
+  L.u = plan.slot(augmented ? tokens * np * h : 0);
+  L.lse_s = plan.slot(augmented ? tokens * f : 0);
+  plan.begin_partition();
+  L.b1 = plan.slot(np * kCols * h);
+  L.b2 = plan.slot(kCols * np * h);
+  L.z = plan.slot(kRows * kCols * f);
+  L.y = plan.slot(augmented ? tokens * kCols * f : 0);
+  L.scale = plan.slot(augmented ? tokens * f : 0);
+  L.dz = plan.slot(kRows * kCols * h);
+  L.dzp = plan.slot(kRows * kCols * h);
+  L.gt = plan.slot(np * kCols * f);
+  L.bias = plan.slot(kCols * f);
+  L.sums = plan.slot(kCols * f);
+  L.stats = plan.slot(Stats::kCount * tokens * f);
+  L.dx = plan.slot(tokens * np * f);
+  plan.finish(L, partitions);
   return L;
 }
 
