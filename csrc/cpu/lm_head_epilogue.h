@@ -47,7 +47,7 @@ struct DistinctTargets {
 // Running statistics of one vocabulary partition, struct of arrays over tokens (the augmented
 // loss's target statistics over distinct targets, which are never more than the tokens).
 struct Stats {
-  float* m;    // max z
+  float* m;    // reference for the sums: m ≤ max z ≤ m + kSlack (forward_tile)
   float* l;    // Σ exp(z - m)
   float* sz;   // Σ z
   float* zy;   // z at the target (0 until the target's tile is seen)
