@@ -21,9 +21,9 @@ VARIANTS = {"ce": dict(HAS_BIAS=False, AUGMENTED=False), "augmented+bias": dict(
 def _signatures(t: str) -> dict:
     scalars = dict(N="i32", VC="i32", first_col="i32", stride_z="i32", stride_s="i32")
     return {
-        "lm_head_stats": dict(z_ptr=f"*{t}", s_ptr=f"*{t}", bias_ptr="*fp32", targets_ptr="*i64",
+        "lm_head_stats": dict(z_ptr=f"*{t}", s_ptr=f"*{t}", s_rows_ptr="*i64", bias_ptr="*fp32", targets_ptr="*i64",
                               state_ptr="*fp32", stride_state="i32", inv_tau="fp32", **scalars),
-        "lm_head_grad": dict(z_ptr=f"*{t}", s_ptr=f"*{t}", bias_ptr="*fp32", targets_ptr="*i64",
+        "lm_head_grad": dict(z_ptr=f"*{t}", s_ptr=f"*{t}", s_rows_ptr="*i64", bias_ptr="*fp32", targets_ptr="*i64",
                              stats_ptr="*fp32", grad_ptr="*fp32", partial_ptr="*fp32", stride_stats="i32",
                              stride_partial="i32", vocab="fp32", smoothing="fp32", z_loss="fp32",
                              kl_coef_over_tau="fp32", inv_tau="fp32", **scalars),

@@ -7,7 +7,8 @@ kernels' column tile, so the scratch is [N, Vc] whatever V is (about 128 MB of b
 SCRATCH_ELEMENTS = 2^26; twice that with the augmented loss's similarity logits).
 
 Forward, per chunk: z_c = x E_cᵀ by torch.mm in the compute dtype (the result in that dtype too,
-as reference.py rounds it), s_c = E[y] E_cᵀ for the augmented loss, then lm_head_stats_kernel
+as reference.py rounds it), s_c = E[y] E_cᵀ for the augmented loss (one row per distinct target y
+of the batch, which every token with that target reads), then lm_head_stats_kernel
 folds the chunk into per-token running statistics (online max / sum of exponentials of z, z/τ
 and s; the ỹ-weighted sum of s − z/τ; Σz; the target's logit; the bias added in fp32). The
 (loss, ce, kl, stats) of reference.forward are then a few elementwise ops on [N] vectors.
@@ -78,8 +79,9 @@ def chunk_columns(tokens: int, vocab: int, block: int) -> int:
 
 
 def workspace_bytes(tokens: int, vocab: int, spec: LMHeadSpec, dtype: torch.dtype) -> int:
-    """Bytes of the per-call [N, Vc] chunk scratch in the compute dtype (logits, and similarity
-    logits for the augmented loss): bounded by SCRATCH_ELEMENTS whatever the vocabulary."""
+    """Bytes of the per-call [N, Vc] chunk scratch in the compute dtype (logits, and at most as
+    many similarity logits for the augmented loss): bounded by SCRATCH_ELEMENTS whatever the
+    vocabulary."""
     columns = min(chunk_columns(tokens, vocab, tiles()["stats"]["BLOCK_V"]), vocab)
     return tokens * columns * dtype.itemsize * (2 if spec.augmented else 1)
 
@@ -118,11 +120,14 @@ class _Chunks:
         self.tokens, self.vocab = x.shape[0], table.shape[0]
         self.table, self.spec = table, spec
         self.x = x.to(self.dtype).contiguous()
-        self.u = _target_rows(table, targets, self.dtype, spec.padding_idx) if spec.augmented else None
+        self.u, self.s_rows = None, targets  # s_rows: a placeholder the kernels ignore without the loss
+        if spec.augmented:  # the similarity logits once per distinct target, s_rows[t]: token t's row
+            distinct, self.s_rows = torch.unique(targets, return_inverse=True)
+            self.u = _target_rows(table, distinct, self.dtype, spec.padding_idx)
         self.columns = chunk_columns(self.tokens, self.vocab, block)
-        scratch = self.tokens * min(self.columns, self.vocab)
-        self.z_buffer = torch.empty(scratch, dtype=self.dtype, device=x.device)
-        self.s_buffer = torch.empty(scratch, dtype=self.dtype, device=x.device) if spec.augmented else None
+        self.z_buffer = torch.empty(self.tokens * min(self.columns, self.vocab), dtype=self.dtype, device=x.device)
+        self.s_buffer = (torch.empty(self.u.shape[0] * min(self.columns, self.vocab), dtype=self.dtype,
+                                     device=x.device) if spec.augmented else None)
 
     def __iter__(self):
         """(start, width, E_c, z_c, s_c): the chunk's logits computed into contiguous scratch."""
@@ -133,7 +138,8 @@ class _Chunks:
             z = torch.mm(self.x, table_c.t(), out=self.z_buffer[:self.tokens * width].view(self.tokens, width))
             s = None
             if self.u is not None:
-                s = torch.mm(self.u, table_c.t(), out=self.s_buffer[:self.tokens * width].view(self.tokens, width))
+                rows = self.u.shape[0]
+                s = torch.mm(self.u, table_c.t(), out=self.s_buffer[:rows * width].view(rows, width))
             yield start, width, table_c, z, s
 
 
@@ -153,7 +159,7 @@ def forward(x, table, bias, targets, spec: LMHeadSpec):
         for start, width, _, z, s in chunks:
             bias_c = bias[start:start + width] if bias is not None else z
             k.lm_head_stats_kernel[grid](
-                z, s if s is not None else z, bias_c, targets, state,
+                z, s if s is not None else z, chunks.s_rows, bias_c, targets, state,
                 tokens, width, start, z.stride(0), (s if s is not None else z).stride(0), state.stride(0),
                 1.0 / spec.tau, HAS_BIAS=bias is not None, AUGMENTED=spec.augmented, **config)
     return _finish(state, spec, table.shape[0])
@@ -199,7 +205,7 @@ def backward(grad_loss, x, table, bias, targets, stats, spec: LMHeadSpec):
             bias_c = bias[start:start + width] if bias is not None else z
             partial_c = partial[:, :width] if partial is not None else z
             k.lm_head_grad_kernel[(programs, -(-width // config["BLOCK_V"]))](
-                z, s if s is not None else z, bias_c, targets, stats, grad_loss, partial_c,
+                z, s if s is not None else z, chunks.s_rows, bias_c, targets, stats, grad_loss, partial_c,
                 tokens, width, start, z.stride(0), (s if s is not None else z).stride(0), stats.stride(0),
                 partial_c.stride(0), float(vocab), spec.label_smoothing, spec.z_loss,
                 spec.kl_coef / spec.tau, 1.0 / spec.tau, HAS_BIAS=bias is not None,

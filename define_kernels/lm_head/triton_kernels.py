@@ -1,7 +1,8 @@
 """Triton kernels of the `triton` LM-head backend (triton_backend.py); importing this imports triton.
 
-Both read one vocabulary chunk of logits z [N, Vc] (and similarity logits s [N, Vc] times tau for
-the augmented loss) that cuBLAS / torch.mm wrote in the compute dtype; every sum is fp32.
+Both read one vocabulary chunk of logits z [N, Vc] (and, for the augmented loss, similarity logits
+s [D, Vc] times tau, one row per distinct target, token t reading row s_rows[t]) that cuBLAS /
+torch.mm wrote in the compute dtype; every sum is fp32.
 
 lm_head_stats_kernel: one program per BLOCK_N tokens walks the chunk's columns in BLOCK_V tiles and
 updates the tokens' running statistics in `state` [STATE_ROWS, N] (read at the start, written at
@@ -23,7 +24,7 @@ _M, _L, _Z_SUM, _Z_TARGET, _L_ZT, _M_S, _L_S, _GAP = (tl.constexpr(row) for row 
 
 @triton.jit
 def lm_head_stats_kernel(
-        z_ptr, s_ptr, bias_ptr, targets_ptr, state_ptr,   # z, s: [N, VC] chunk; bias: the chunk's
+        z_ptr, s_ptr, s_rows_ptr, bias_ptr, targets_ptr, state_ptr,  # z [N, VC], s [D, VC]: the chunk
         N, VC, first_col, stride_z, stride_s, stride_state, inv_tau,
         HAS_BIAS: tl.constexpr, AUGMENTED: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -38,6 +39,7 @@ def lm_head_stats_kernel(
         m_s = tl.load(state + _M_S * stride_state, mask=row_ok, other=0.0)
         total_s = tl.load(state + _L_S * stride_state, mask=row_ok, other=0.0)
         gap = tl.load(state + _GAP * stride_state, mask=row_ok, other=0.0)
+        s_rows = tl.load(s_rows_ptr + rows, mask=row_ok, other=0)
     for start in range(0, VC, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_ok = cols < VC
@@ -53,7 +55,7 @@ def lm_head_stats_kernel(
         if AUGMENTED:
             total_zt = total_zt * tl.exp((m - m_new) * inv_tau) + \
                 tl.sum(tl.exp((z_live - m_new[:, None]) * inv_tau), axis=1)
-            s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + s_rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             s = s * inv_tau
             s_live = tl.where(col_ok[None, :], s, float("-inf"))
             m_s_new = tl.maximum(m_s, tl.max(s_live, axis=1))
@@ -82,7 +84,7 @@ def lm_head_stats_kernel(
 
 @triton.jit
 def lm_head_grad_kernel(
-        z_ptr, s_ptr, bias_ptr, targets_ptr, stats_ptr, grad_ptr, partial_ptr,
+        z_ptr, s_ptr, s_rows_ptr, bias_ptr, targets_ptr, stats_ptr, grad_ptr, partial_ptr,
         N, VC, first_col, stride_z, stride_s, stride_stats, stride_partial,
         vocab, smoothing, z_loss, kl_coef_over_tau, inv_tau,
         HAS_BIAS: tl.constexpr, AUGMENTED: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
@@ -110,7 +112,8 @@ def lm_head_grad_kernel(
         if AUGMENTED:
             lse_zt = tl.load(stats_ptr + rows * stride_stats + 1, mask=row_ok, other=0.0)
             lse_s = tl.load(stats_ptr + rows * stride_stats + 2, mask=row_ok, other=0.0)
-            s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s_rows = tl.load(s_rows_ptr + rows, mask=row_ok, other=0)
+            s = tl.load(s_ptr + s_rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             q = tl.exp(z * inv_tau - lse_zt[:, None])
             target = tl.exp(s * inv_tau - lse_s[:, None])
             dz += kl_coef_over_tau * (q - target)
