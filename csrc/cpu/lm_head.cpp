@@ -207,7 +207,7 @@ void for_each_tile(const Prepared& p, int64_t part, Body&& body) {
   const Args& a = p.args;
   const int64_t base = p.layout.part(part);
   const int64_t t_begin = part * p.tiles / p.parts, t_end = (part + 1) * p.tiles / p.parts;
-  float* bias_buf = reinterpret_cast<float*>(p.ws.data_ptr<uint8_t>() + base + p.layout.bias);
+  float* bias_buf = p.f32(base + p.layout.bias);
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     Tile t;
     t.v0 = tile * p.tile_cols;
@@ -335,7 +335,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
   }
   const Prepared p = prepare(a, x, table, bias, y_all, distinct);
   const int64_t* y = p.targets.data_ptr<int64_t>();
-  uint8_t* ws = p.ws.data_ptr<uint8_t>();
   float* lse_s = p.f32(p.layout.lse_s);
   if (a.augmented) distinct.per_target(st.data_ptr<float>() + 2, 3, lse_s);
   const bool table_in_compute = table.scalar_type() == a.compute;
@@ -344,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_backward_cpu(
       const int64_t base = p.layout.part(part);
       at::Tensor dx = slot_view(p.ws, base + p.layout.dx, a.tokens, a.width, at::kFloat);
       dx.zero_();
-      float* sums = reinterpret_cast<float*>(ws + base + p.layout.sums);
+      float* sums = p.f32(base + p.layout.sums);
       for_each_tile(p, part, [&](const Tile& t) {
         std::fill(sums, sums + t.cols, 0.0f);
         const TargetRows tr = target_rows(p, part, t, [&](const auto* s, float* out, float*) {
