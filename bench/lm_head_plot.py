@@ -62,8 +62,11 @@ def _status_text(cell: dict) -> str:
 
 
 def _tidy(ax) -> None:
-    """Plain-number labels on a log axis (1, 2, 5, 10, 20 ...), none on minor ticks."""
-    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    """Plain-number labels on a log axis (1, 2, 5, 10, 20 ...; powers of ten alone when the axis
+    spans more than three decades, where 1-2-5 labels run into each other), none on minor ticks."""
+    low, high = ax.get_xlim()
+    subs = (1.0, 2.0, 5.0) if high / low <= 1e3 else (1.0,)
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.10g}"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
